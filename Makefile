@@ -1,0 +1,43 @@
+# cptlab: `make reproduce` (the paper at the tiny scale) and `make test` (the suite) set up
+# everything they need in .venv on a fresh machine with Python 3.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; set TORCH="torch" (or a CUDA wheel) on a GPU machine.
+TORCH ?= torch==2.13.0
+SCALE ?= tiny
+OUT ?= runs/reproduce
+export HF_DATASETS_OFFLINE := 1
+export HF_HUB_OFFLINE := 1
+export HF_UPDATE_DOWNLOAD_COUNTS := 0
+export PYTHONHASHSEED := 0
+
+.PHONY: install test lint reproduce lab bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(VENV)/bin/ruff check cptlab tests benchmarks scripts
+
+test: lint
+	$(PY) -m pytest tests --nbmake notebooks -q
+
+reproduce: install
+	$(VENV)/bin/cptlab batch --scale $(SCALE) --out $(OUT)
+
+lab: install
+	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --no-browser --notebook-dir notebooks \
+		$$( [ "$$(id -u)" = 0 ] && echo --allow-root )
+
+bench: install
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

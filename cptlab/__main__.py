@@ -1,0 +1,3 @@
+from cptlab.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,451 @@
+"""Run configuration: one set of dataclasses drives the CLI, the notebooks, the widgets and the tests.
+
+A run config (YAML or dict) has top-level ``model``, ``tokenizer``, ``train``, ``eval``, ``stages``
+and optional ``corpora``. Anything omitted takes the defaults below; ``resolve`` fills them in and
+``validate`` checks them, raising ``ConfigError`` that names the dotted key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the dotted key and what is allowed."""
+
+
+# Model presets by name. n_ctx is the longest sequence the model accepts (rotary tables).
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": dict(n_layer=2, n_head=2, d_model=32, n_ctx=256),
+    "tiny": dict(n_layer=4, n_head=4, d_model=128, n_ctx=512),
+    "small": dict(n_layer=8, n_head=8, d_model=512, n_ctx=1024),
+    "paper-405m": dict(n_layer=24, n_head=16, d_model=1024, n_ctx=2048, vocab_size=50304),
+}
+
+
+@dataclass
+class ModelConfig:
+    """GPT-NeoX-style decoder shape. ``preset`` fills the shape fields left unset (None)."""
+
+    preset: str | None = "tiny"
+    n_layer: int | None = None
+    n_head: int | None = None
+    d_model: int | None = None
+    n_ctx: int | None = None
+    vocab_size: int | None = None  # None: taken from the tokenizer
+    mlp_ratio: int = 4
+    rotary_pct: float = 0.25
+    rotary_base: float = 10000.0
+    parallel_residual: bool = True
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+
+
+@dataclass
+class TokenizerConfig:
+    """``kind``: ``bpe`` (trained offline on the shipped corpora), ``byte`` (256 symbols) or ``file``
+    (a saved Hugging Face ``tokenizers`` JSON at ``path``)."""
+
+    kind: str = "bpe"
+    vocab_size: int = 8192
+    path: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 128
+    batch_size: int = 32  # global batch, in sequences
+    micro_batch_size: int | None = None  # per process and step; None: the whole share of the batch
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: str = "auto"  # auto | fp32 | bf16
+    compile: bool = False
+    strategy: str = "ddp"  # ddp | fsdp (with several processes)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    checkpoint_every_tokens: int = 0  # rolling checkpoint; 0: only at stage ends
+    log_every_steps: int = 10
+    threads: int = 0  # torch intra-op threads; 0: leave torch's default
+
+
+@dataclass
+class EvalConfig:
+    sets: list[str] = field(default_factory=list)  # corpora whose validation split is evaluated
+    every_tokens: int = 0  # 0: only at stage ends
+    tokens: int = 65536  # validation tokens per set (fixed, the same at every evaluation)
+
+
+@dataclass
+class ReplayConfig:
+    source: str = ""
+    fraction: float = 0.0
+    order: str = "original"  # original | shuffled
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule of one stage. Lengths are fractions of the stage's steps.
+
+    kinds: constant | cosine | infinite_cosine | infinite_inv_sqrt | wsd (see ``cptlab.schedules``).
+    """
+
+    kind: str = "cosine"
+    max_lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup: float = 0.01
+    const_lr: float | None = None  # infinite_*: the constant phase (default: mean of max and min)
+    cooldown: float = 0.0  # infinite_*: from max_lr down to const_lr
+    anneal: float = 0.0  # infinite_*: exponential annealing to min_lr over the final fraction
+    alpha: float = 10.0  # infinite_inv_sqrt timescale
+    decay: float = 0.1  # wsd: final fraction decaying to min_lr
+    decay_shape: str = "linear"  # wsd: linear | 1-sqrt
+
+    def to_spec(self) -> dict[str, Any]:
+        """The mapping ``cptlab.schedules.build`` takes."""
+        return asdict(self)
+
+
+@dataclass
+class Stage:
+    name: str = "stage"
+    data: dict[str, float] = field(default_factory=dict)  # corpus -> weight
+    tokens: int = 0  # compute budget of the stage, replay included
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    replay: ReplayConfig | None = None
+    reset_optimizer: bool = True
+    init_from: str = "previous"  # previous | scratch | path to a checkpoint file
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    stages: list[Stage] = field(default_factory=list)
+    corpora: dict[str, dict[str, Any]] = field(default_factory=dict)  # user corpora by name
+
+    # -- conversions -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Build from a (partial) mapping; unknown keys and wrong types raise ``ConfigError``."""
+        return _build(cls, data, "")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        """Write as YAML (``.yaml``/``.yml``) or JSON, atomically."""
+        path = Path(path)
+        text = self.to_yaml() if path.suffix in (".yaml", ".yml") else json.dumps(
+            self.to_dict(), indent=2, sort_keys=True)
+        atomic_write_text(path, text)
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+        """Load a YAML/JSON config, apply ``dotted.key=value`` overrides, resolve relative corpus
+        paths against the file's folder."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = apply_overrides(data, overrides or [])
+        for spec in (data.get("corpora") or {}).values():
+            if isinstance(spec, dict) and isinstance(spec.get("path"), str):
+                p = Path(spec["path"]).expanduser()
+                if not p.is_absolute():
+                    spec["path"] = str(path.parent.resolve() / p)
+        return cls.from_dict(data)
+
+    # -- resolution and checks ---------------------------------------------------------------
+    def resolve(self, vocab_size: int | None = None) -> RunConfig:
+        """A copy with every default filled in: preset shapes, schedule const_lr, vocab size."""
+        cfg = copy.deepcopy(self)
+        m = cfg.model
+        if m.preset is not None:
+            if m.preset not in MODEL_PRESETS:
+                raise ConfigError(
+                    f"model.preset: unknown preset {m.preset!r}; allowed: {sorted(MODEL_PRESETS)}")
+            for key, value in MODEL_PRESETS[m.preset].items():
+                if getattr(m, key) is None:
+                    setattr(m, key, value)
+        if m.vocab_size is None and vocab_size is not None:
+            m.vocab_size = vocab_size
+        for st in cfg.stages:
+            s = st.schedule
+            if s.const_lr is None and s.kind.startswith("infinite"):
+                s.const_lr = (s.max_lr + s.min_lr) / 2
+        return cfg
+
+    def validate(self, known_corpora: typing.Iterable[str] | None = None) -> None:
+        """Check values before any work is done. ``known_corpora``: names corpora may take
+        (shipped + registered); None skips that check."""
+        from cptlab import schedules  # late: schedules does not depend on config
+
+        m = self.model
+        if m.preset is not None and m.preset not in MODEL_PRESETS:
+            raise ConfigError(
+                f"model.preset: unknown preset {m.preset!r}; allowed: {sorted(MODEL_PRESETS)}")
+        for key in ("n_layer", "n_head", "d_model", "n_ctx", "vocab_size"):
+            value = getattr(m, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"model.{key}: must be >= 1, got {value}")
+        if m.n_head and m.d_model and m.d_model % m.n_head:
+            raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
+        _check_range("model.rotary_pct", m.rotary_pct, 0.0, 1.0)
+        _check_range("model.dropout", m.dropout, 0.0, 1.0)
+        _check_choice("tokenizer.kind", self.tokenizer.kind, ("bpe", "byte", "file"))
+        if self.tokenizer.kind == "bpe" and not 257 <= self.tokenizer.vocab_size <= 2**32:
+            raise ConfigError(f"tokenizer.vocab_size: must be >= 257, got {self.tokenizer.vocab_size}")
+        if self.tokenizer.kind == "file" and not self.tokenizer.path:
+            raise ConfigError("tokenizer.path: required when tokenizer.kind is 'file'")
+        t = self.train
+        for key in ("seq_len", "batch_size"):
+            if getattr(t, key) < 1:
+                raise ConfigError(f"train.{key}: must be >= 1, got {getattr(t, key)}")
+        if t.micro_batch_size is not None and t.micro_batch_size < 1:
+            raise ConfigError(f"train.micro_batch_size: must be >= 1 or null, got {t.micro_batch_size}")
+        n_ctx = m.n_ctx if m.n_ctx is not None else MODEL_PRESETS.get(m.preset or "", {}).get("n_ctx")
+        if n_ctx is not None and t.seq_len > n_ctx:
+            raise ConfigError(f"train.seq_len ({t.seq_len}) exceeds model.n_ctx ({n_ctx})")
+        _check_choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
+        _check_choice("train.strategy", t.strategy, ("ddp", "fsdp"))
+        if not (t.device in ("auto", "cpu", "cuda", "mps") or t.device.startswith("cuda:")):
+            raise ConfigError(
+                f"train.device: {t.device!r} not allowed; allowed: auto, cpu, cuda, cuda:N, mps")
+        for key in ("weight_decay", "eps", "grad_clip", "checkpoint_every_tokens", "threads"):
+            if getattr(t, key) < 0:
+                raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
+        _check_range("train.beta1", t.beta1, 0.0, 1.0)
+        _check_range("train.beta2", t.beta2, 0.0, 1.0)
+        if t.log_every_steps < 1:
+            raise ConfigError(f"train.log_every_steps: must be >= 1, got {t.log_every_steps}")
+        if self.eval.every_tokens < 0:
+            raise ConfigError(f"eval.every_tokens: must be >= 0, got {self.eval.every_tokens}")
+        if self.eval.tokens < t.seq_len:
+            raise ConfigError(
+                f"eval.tokens ({self.eval.tokens}) must be at least one sequence (train.seq_len={t.seq_len})")
+        known = None if known_corpora is None else set(known_corpora) | set(self.corpora)
+        for i, name in enumerate(self.eval.sets):
+            _check_corpus(f"eval.sets[{i}]", name, known)
+        if not self.stages:
+            raise ConfigError("stages: at least one stage is required")
+        names = [st.name for st in self.stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stages: stage names must be unique, got {names}")
+        batch_tokens = t.batch_size * t.seq_len
+        for i, st in enumerate(self.stages):
+            where = f"stages[{i}] ({st.name})"
+            if not st.name or "/" in st.name:
+                raise ConfigError(f"{where}.name: must be a non-empty name without '/'")
+            if not st.data:
+                raise ConfigError(f"{where}.data: at least one corpus with a weight is required")
+            for name, weight in st.data.items():
+                _check_corpus(f"{where}.data", name, known)
+                if not weight > 0:
+                    raise ConfigError(f"{where}.data.{name}: weight must be > 0, got {weight}")
+            if st.tokens < batch_tokens:
+                raise ConfigError(
+                    f"{where}.tokens: {st.tokens} is smaller than one batch "
+                    f"(train.batch_size x train.seq_len = {batch_tokens})")
+            if st.replay is not None:
+                r = st.replay
+                _check_corpus(f"{where}.replay.source", r.source, known)
+                if not 0.0 <= r.fraction < 1.0:
+                    raise ConfigError(f"{where}.replay.fraction: must be in [0, 1), got {r.fraction}")
+                _check_choice(f"{where}.replay.order", r.order, ("original", "shuffled"))
+                if set(st.data) == {r.source}:
+                    raise ConfigError(
+                        f"{where}.replay.source: {r.source!r} is also the only new corpus; "
+                        "replay must come from another corpus")
+            if not (st.init_from in ("previous", "scratch") or st.init_from.endswith((".pt", ".pth"))):
+                raise ConfigError(
+                    f"{where}.init_from: {st.init_from!r} not allowed; allowed: previous, scratch, "
+                    "or a checkpoint path ending in .pt")
+            if i == 0 and st.init_from == "previous":
+                pass  # the first stage starts from scratch
+            try:
+                spec = st.schedule.to_spec()
+                if spec["const_lr"] is None and spec["kind"].startswith("infinite"):
+                    spec["const_lr"] = (spec["max_lr"] + spec["min_lr"]) / 2
+                schedules.validate_spec(spec)
+            except ValueError as exc:
+                raise ConfigError(f"{where}.schedule.{exc}") from None
+
+    def hash(self) -> str:
+        """Short content hash of the resolved config (what makes two runs the same run)."""
+        text = json.dumps(self.resolve().to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def _check_range(key: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise ConfigError(f"{key}: must be in [{lo}, {hi}], got {value}")
+
+
+def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} not allowed; allowed: {', '.join(allowed)}")
+
+
+def _check_corpus(key: str, name: str, known: set[str] | None) -> None:
+    if known is not None and name not in known:
+        raise ConfigError(f"{key}: unknown corpus {name!r}; known corpora: {', '.join(sorted(known))}")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Recursively build dataclass ``cls`` from a mapping, checking keys and types."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise ConfigError(f"{path}: unknown key; allowed: {', '.join(sorted(fields))}")
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{path}: must not be null")
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        _, vt = typing.get_args(tp)
+        return {str(k): _coerce(vt, v, f"{path}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # 2.0e6 in YAML
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads 3e-4 (no dot) as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides (value parsed as YAML); list items by index:
+    ``stages.1.replay.fraction=0.05``."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw)
+        parts = key.strip().split(".")
+        node: Any = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(node)}")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            else:
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+                    if node is None:
+                        raise ConfigError(f"--set {key}: {part!r} is null")
+    return data
+
+
+def diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys where two config dicts differ, as 'key: a -> b' lines."""
+    out = []
+    for key in sorted(set(a) | set(b), key=str):
+        path = f"{prefix}.{key}" if prefix else str(key)
+        va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff(va, vb, path)
+        elif isinstance(va, list) and isinstance(vb, list) and len(va) == len(vb):
+            for i, (x, y) in enumerate(zip(va, vb)):
+                if isinstance(x, dict) and isinstance(y, dict):
+                    out += diff(x, y, f"{path}[{i}]")
+                elif x != y:
+                    out.append(f"{path}[{i}]: {x!r} -> {y!r}")
+        elif va != vb:
+            out.append(f"{path}: {va!r} -> {vb!r}")
+    return out
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file so that a crash leaves either the old or the new content."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
