@@ -201,7 +201,7 @@ class RunConfig:
     def validate(self, known_corpora: typing.Iterable[str] | None = None) -> None:
         """Check values before any work is done. ``known_corpora``: names corpora may take
         (shipped + registered); None skips that check."""
-        from cptlab import schedules  # late: schedules does not depend on config
+        from cptlab import schedules  # late: schedules imports this module
 
         m = self.model
         if m.preset is not None and m.preset not in MODEL_PRESETS:

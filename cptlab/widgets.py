@@ -1,0 +1,214 @@
+"""Interactive widgets (ipywidgets) for JupyterLab. They only call the library; nothing in the
+library imports this module.
+
+Widgets:
+    ScheduleExplorer   move a learning-rate schedule's parameters and see it over several stages,
+                       overlaid with other kinds or with pinned schedules
+
+Each widget is a plain class holding its controls; display it as a cell's last value (it shows
+``self.widget``). Its state is readable without a front end (for tests): the figure it draws is
+``self.figure`` and accessor methods return the plotted data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import io
+from collections.abc import Iterator
+from typing import Any
+
+import ipywidgets as W
+import numpy as np
+from matplotlib.figure import Figure
+
+from cptlab import plots
+from cptlab import schedules as sched
+
+StagePlan = list[tuple[dict[str, Any], int]]
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+def _log_slider(description: str, value: float, lo: int, hi: int, fmt: str = ".2e") -> W.FloatLogSlider:
+    return W.FloatLogSlider(value=value, base=10, min=lo, max=hi, step=0.01, description=description,
+                            readout_format=fmt, style={"description_width": "8em"})
+
+
+def _percent_slider(description: str, value: float, hi: float = 100.0, step: float = 0.5) -> W.FloatSlider:
+    return W.FloatSlider(value=value, min=0.0, max=hi, step=step, description=description,
+                         readout_format=".1f", style={"description_width": "8em"})
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    return buf.getvalue()
+
+
+# -- ScheduleExplorer ------------------------------------------------------------------------------
+
+class ScheduleExplorer:
+    """Sliders for a schedule spec, drawn over ``n_stages`` stages of ``tokens per stage`` each.
+
+    The current kind is planned with ``cptlab.schedules.multi_stage`` (cosine re-warms and re-decays
+    every stage; infinite schedules and wsd warm up once and anneal/decay at the end of the last
+    stage). Kinds ticked in ``compare`` are drawn with the same sliders; "add to comparison" pins a
+    copy of the current schedule. ``steps_per_stage`` is only the plot's resolution: all lengths are
+    fractions of a stage, so tokens per stage scales the x axis.
+    """
+
+    def __init__(self, kind: str = "infinite_cosine", compare: tuple[str, ...] = ("cosine", "wsd"),
+                 n_stages: int = 3, tokens_per_stage: float = 100e9, steps_per_stage: int = 1000) -> None:
+        p = sched.PAPER_405M_VALUES
+        self.steps_per_stage = steps_per_stage
+        self.kind = W.Dropdown(options=sched.KINDS, value=kind, description="kind")
+        self.max_lr = _log_slider("max LR", p["max_lr"], -6, -1)
+        self.min_lr = _log_slider("min LR", p["min_lr"], -7, -1)
+        self.warmup = _percent_slider("warmup %", 100 * p["warmup"], hi=20.0, step=0.1)
+        self.const_lr = _log_slider("const LR", p["const_lr"], -7, -1)
+        self.cooldown = _percent_slider("cooldown %", 100 * p["cooldown"])
+        self.anneal = _percent_slider("anneal %", 10.0)
+        self.alpha = _log_slider("alpha", p["alpha"], -1, 3, fmt=".3g")
+        self.decay = _percent_slider("decay %", 10.0)
+        self.decay_shape = W.Dropdown(options=sched.DECAY_SHAPES, value="1-sqrt", description="decay shape")
+        self.n_stages = W.IntSlider(value=n_stages, min=1, max=8, description="stages")
+        self.tokens_per_stage = _log_slider("tokens / stage", tokens_per_stage, 5, 13, fmt=".3g")
+        self.compare = W.SelectMultiple(options=sched.KINDS, value=tuple(compare), rows=len(sched.KINDS),
+                                        description="compare")
+        self.preset_button = W.Button(description="paper 405M", tooltip="max 3e-4, min 3e-5, const 1.65e-4, "
+                                      "warmup 1%, cooldown 60%, alpha 10; 3 stages of 100B tokens")
+        self.add_button = W.Button(description="add to comparison")
+        self.clear_button = W.Button(description="clear comparison")
+        self.status = W.HTML()
+        self.image = W.Image(format="png")
+        self.figure = Figure(figsize=(9.0, 4.0))
+        self.error: str | None = None
+        self.pinned: list[tuple[str, StagePlan, float]] = []  # (label, plan, tokens per step)
+        self._hold = False
+
+        self.preset_button.on_click(lambda _: self.apply_preset())
+        self.add_button.on_click(lambda _: self.add_to_comparison())
+        self.clear_button.on_click(lambda _: self.clear_comparison())
+        for control in self._controls():
+            control.observe(lambda _: self.redraw(), names="value")
+
+        def column(title: str, *children: W.Widget) -> W.VBox:
+            return W.VBox([W.HTML(f"<b>{title}</b>"), *children])
+
+        self.widget = W.VBox([
+            W.HBox([
+                column("all kinds", self.kind, self.max_lr, self.min_lr, self.warmup),
+                column("infinite_cosine, infinite_inv_sqrt", self.const_lr, self.cooldown, self.anneal,
+                       self.alpha),
+                column("wsd", self.decay, self.decay_shape),
+                column("run", self.n_stages, self.tokens_per_stage, self.compare),
+            ], layout=W.Layout(flex_flow="row wrap")),
+            W.HBox([self.preset_button, self.add_button, self.clear_button]),
+            self.status,
+            self.image,
+        ])
+        self.redraw()
+
+    def _controls(self) -> list[W.ValueWidget]:
+        return [self.kind, self.max_lr, self.min_lr, self.warmup, self.const_lr, self.cooldown, self.anneal,
+                self.alpha, self.decay, self.decay_shape, self.n_stages, self.tokens_per_stage, self.compare]
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Change several controls with one redraw at the end."""
+        self._hold = True
+        try:
+            yield
+        finally:
+            self._hold = False
+            self.redraw()
+
+    # -- state -----------------------------------------------------------------------------------
+    def spec(self, kind: str | None = None) -> dict[str, Any]:
+        """The schedule spec the sliders describe, for ``kind`` (default: the selected kind)."""
+        kind = kind or self.kind.value
+        spec: dict[str, Any] = dict(kind=kind, max_lr=self.max_lr.value, min_lr=self.min_lr.value,
+                                    warmup=self.warmup.value / 100)
+        if kind in sched.INFINITE_KINDS:
+            spec.update(const_lr=self.const_lr.value, cooldown=self.cooldown.value / 100,
+                        anneal=self.anneal.value / 100, alpha=self.alpha.value)
+        if kind == "wsd":
+            spec.update(decay=self.decay.value / 100, decay_shape=self.decay_shape.value)
+        return spec
+
+    def current_schedule(self, kind: str | None = None) -> StagePlan:
+        """The (spec, steps) stages drawn for ``kind`` (default: the selected kind)."""
+        return sched.multi_stage(self.spec(kind), self.n_stages.value, self.steps_per_stage)
+
+    def tokens_per_step(self) -> float:
+        return self.tokens_per_stage.value / self.steps_per_stage
+
+    def schedules(self) -> dict[str, tuple[StagePlan, float]]:
+        """Every schedule to draw: label -> (stages, tokens per step); the selected kind last."""
+        out = {label: (plan, tps) for label, plan, tps in self.pinned}
+        tps = self.tokens_per_step()
+        for kind in self.compare.value:
+            if kind != self.kind.value:
+                out[kind] = (self.current_schedule(kind), tps)
+        out[self.kind.value] = (self.current_schedule(), tps)
+        return out
+
+    def curves(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The (x, y) data of every schedule line in the figure, by label."""
+        lines = self.figure.axes[0].get_lines() if self.figure.axes else []
+        return {ln.get_label(): (np.asarray(ln.get_xdata()), np.asarray(ln.get_ydata()))
+                for ln in lines if not ln.get_label().startswith("_") and ln.get_label() != "stage boundary"}
+
+    def lr_curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """The plotted (tokens, lr) of the selected kind."""
+        return self.curves()[self.kind.value]
+
+    # -- actions ---------------------------------------------------------------------------------
+    def apply_preset(self) -> None:
+        """The paper's 405M values (PAPER.md) over 3 stages of 100B tokens; kind, anneal and decay kept."""
+        p = sched.PAPER_405M_VALUES
+        with self.hold():
+            self.max_lr.value, self.min_lr.value = p["max_lr"], p["min_lr"]
+            self.const_lr.value, self.alpha.value = p["const_lr"], p["alpha"]
+            self.warmup.value, self.cooldown.value = 100 * p["warmup"], 100 * p["cooldown"]
+            self.n_stages.value, self.tokens_per_stage.value = 3, 100e9
+
+    def add_to_comparison(self) -> None:
+        """Pin a copy of the current schedule (if valid) so that it stays drawn."""
+        if self.error is None:
+            spec = self.spec()
+            label = f"#{len(self.pinned) + 1} {spec['kind']} max {spec['max_lr']:.2g}"
+            self.pinned.append((label, self.current_schedule(), self.tokens_per_step()))
+            self.redraw()
+
+    def clear_comparison(self) -> None:
+        self.pinned.clear()
+        self.redraw()
+
+    def redraw(self) -> None:
+        """Validate the sliders and draw; a bad spec shows its error and keeps the last figure."""
+        if self._hold:
+            return
+        try:
+            for kind in (self.kind.value, *self.compare.value):
+                sched.validate_spec(self.spec(kind))
+        except ValueError as exc:
+            self.error = f"{kind}: {exc}"
+            self.status.value = f"<span style='color:#b00'>{html.escape(self.error)}</span>"
+            return
+        self.error = None
+        drawn = self.schedules()
+        self.figure.clear()
+        # fixed margins: a layout engine would draw the figure twice per redraw
+        self.figure.subplots_adjust(left=0.08, right=0.98, bottom=0.12, top=0.96)
+        plots.plot_schedules({label: plan for label, (plan, _) in drawn.items()},
+                             tokens_per_step={label: tps for label, (_, tps) in drawn.items()},
+                             ax=self.figure.add_subplot())
+        final = self.lr_curve()[1][-1]
+        self.status.value = (f"{self.n_stages.value} stages of {self.tokens_per_stage.value:.3g} tokens; "
+                             f"{self.kind.value} ends at lr {final:.3g}")
+        self.image.value = _png(self.figure)
