@@ -1,0 +1,520 @@
+"""Build the shipped corpora `en-man`, `de-man` and `en-pydoc` from installed Debian packages.
+
+Run from the repository root (Debian 12 with `manpages manpages-de python3.11-doc man-db` installed):
+
+    python scripts/build_corpora.py [--out cptlab/corpora] [--workers 2]
+
+Sources:
+- `de-man`: every German manual page shipped by the package manpages-de (/usr/share/man/de/).
+- `en-man`: first the English pages (/usr/share/man/manN/) that manpages-de translates, then pages of the
+  man-pages project (packages manpages, then manpages-dev) in path order until the corpus holds at least
+  5,000,000 bytes of UTF-8 text.
+- `en-pydoc`: the reStructuredText sources of the Python 3.11 documentation (python3.11-doc ships them as
+  /usr/share/doc/python3.11/html/_sources/**/*.rst.txt).
+
+Man pages are rendered with `man --nh --nj -l FILE | col -bx` under a fixed environment (LC_ALL=C.UTF-8,
+MANWIDTH=80): no hyphenation and no justification, so no word is split by the typesetter and no spaces are
+added by it. The running header and footer line of each rendered page are dropped. Symbolic links and pages
+that only hold a `.so` redirect are aliases of another page and are skipped.
+
+Output format (a contract the corpus loader relies on): `<out>/<name>.txt.xz`, an xz-compressed UTF-8
+text. Documents are separated by a line holding only the ASCII record separator, i.e. "\\n\\x1e\\n" between
+two documents, with no separator after the last one; no document contains "\\x1e". The first line of every
+document is kept: it is a title line `# <source id>` (`# ls.1`, `# library/os.rst`), followed by the
+cleaned text. We keep it because it names the document's origin, which makes a split by document stable
+and inspectable, and it costs one short line per document.
+
+The build is deterministic: inputs are sorted, the environment is fixed, nothing depends on the clock, and
+xz is written with a fixed preset. Two builds on the same machine give identical bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import lzma
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MAN_ROOT = Path("/usr/share/man")
+DE_MAN_ROOT = MAN_ROOT / "de"
+PYDOC_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
+DE_PACKAGE = "manpages-de"
+PYDOC_PACKAGE = "python3.11-doc"
+EN_FILL_PACKAGES = ("manpages", "manpages-dev")
+TOOL_PACKAGES = ("man-db", "groff-base", "bsdextrautils", "liblzma5")
+
+EN_MIN_BYTES = 5_000_000
+MAX_XZ_BYTES = 3_000_000
+XZ_PRESET = 9
+SEPARATOR = "\n\x1e\n"
+RENDER_ENV = {
+    "PATH": "/usr/bin:/bin",
+    "LC_ALL": "C.UTF-8",
+    "LANG": "C.UTF-8",
+    "MANWIDTH": "80",
+    "MANPAGER": "cat",
+    "PAGER": "cat",
+}
+BUILD_COMMAND = "python scripts/build_corpora.py --out cptlab/corpora"
+
+# Words after which a line-final hyphen is a suspended compound ("Ein- und Aushängen", "pre- and post-").
+SUSPENDED_HYPHEN_FOLLOWERS = {"und", "oder", "bzw", "sowie", "and", "or", "nor"}
+_CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f\u00ad]")
+_HYPHEN_BREAK = re.compile(r"(?<=[^\W\d_])([-\u2010])\n[ ]*(?=([^\W\d_]+))")
+_BLANK_RUNS = re.compile(r"\n{3,}")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input document: its id (the title line), its file and the Debian package that ships it."""
+
+    doc_id: str
+    path: Path
+    package: str
+    kind: str  # "man" or "rst"
+
+
+@dataclass
+class Corpus:
+    """A built corpus: the documents kept, in order, and what was left out on the way."""
+
+    name: str
+    documents: list[tuple[Source, str]] = field(default_factory=list)
+    skipped_empty: int = 0
+    skipped_duplicate: int = 0
+    dropped_by_cap: int = 0
+    compressed: bytes = b""
+
+    def text(self) -> str:
+        return SEPARATOR.join(f"# {src.doc_id}\n{body}" for src, body in self.documents)
+
+
+# ----------------------------------------------------------------------------- cleaning
+
+
+def _join_hyphen(match: re.Match[str]) -> str:
+    """Join a word broken after its hyphen; keep a space after suspended compounds ("Ein- und")."""
+    following = match.group(2).lower()
+    return match.group(1) + (" " if following in SUSPENDED_HYPHEN_FOLLOWERS else "")
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
+def _dedent_block(block: list[str]) -> list[str]:
+    """Remove the indentation common to all lines of a block."""
+    width = min(_indent(line) for line in block)
+    return [line[width:] for line in block]
+
+
+def _dedent_paragraphs(lines: list[str]) -> list[str]:
+    """Remove from each paragraph (run of non-blank lines) the indentation common to all its lines.
+
+    A paragraph whose first line is unindented and whose other lines are all indented is a heading over
+    its body (as man renders `NAME` over `       ls - list ...`): the body is dedented on its own.
+    """
+    out: list[str] = []
+    block: list[str] = []
+    for line in [*lines, ""]:
+        if line:
+            block.append(line)
+            continue
+        if len(block) > 1 and _indent(block[0]) == 0 and all(_indent(b) > 0 for b in block[1:]):
+            out += [block[0], *_dedent_block(block[1:])]
+        elif block:
+            out += _dedent_block(block)
+        block = []
+        out.append("")
+    return out[:-1]
+
+
+def clean_text(text: str) -> str:
+    """Clean one document; the same rules apply to every corpus (see SOURCES.md)."""
+    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+    text = _CONTROL_CHARS.sub("", text)
+    lines = [line.expandtabs(8).rstrip() for line in text.split("\n")]
+    text = _HYPHEN_BREAK.sub(_join_hyphen, "\n".join(lines))
+    text = "\n".join(_dedent_paragraphs(text.split("\n")))
+    return _BLANK_RUNS.sub("\n\n", text).strip("\n")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _is_so_redirect(path: Path) -> bool:
+    """True when a man page's first request (after comments) is `.so`: it is an alias of another page."""
+    data = _read_man_source(path)
+    for line in data.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith(('.\\"', "'\\\"")):
+            continue
+        return stripped.startswith(".so ")
+    return False
+
+
+def _read_man_source(path: Path) -> str:
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    return raw.decode("utf-8", errors="replace")
+
+
+def _man_id(path: Path) -> str:
+    return path.name[: -len(".gz")] if path.name.endswith(".gz") else path.name
+
+
+def _package_owners(pattern: str) -> dict[Path, str]:
+    """Map each file matching `pattern` to the Debian package that ships it (dpkg-query -S)."""
+    proc = subprocess.run(
+        ["dpkg-query", "-S", pattern], capture_output=True, text=True, env=RENDER_ENV, check=True
+    )
+    owners: dict[Path, str] = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("diversion by ") or ": " not in line:
+            continue
+        packages, path = line.split(": ", 1)
+        owners[Path(path)] = packages.split(", ")[0].split(":")[0]
+    return owners
+
+
+def _real_man_pages(owners: dict[Path, str], package: str | None = None) -> list[Path]:
+    """Sorted regular man page files (no symlinks, no `.so` aliases), optionally of one package."""
+    pages = []
+    for path, owner in owners.items():
+        if package is not None and owner != package:
+            continue
+        if path.is_symlink() or not path.is_file() or _is_so_redirect(path):
+            continue
+        pages.append(path)
+    return sorted(pages)
+
+
+def de_man_sources() -> list[Source]:
+    owners = _package_owners(str(DE_MAN_ROOT / "man?" / "*"))
+    return [Source(_man_id(p), p, DE_PACKAGE, "man") for p in _real_man_pages(owners, DE_PACKAGE)]
+
+
+def en_man_candidates(de_sources: list[Source]) -> tuple[list[Source], list[Source]]:
+    """English pages translated by manpages-de, then man-pages project pages to fill up with."""
+    owners = _package_owners(str(MAN_ROOT / "man?" / "*"))
+    translated: list[Source] = []
+    for de in de_sources:
+        path = MAN_ROOT / de.path.relative_to(DE_MAN_ROOT)
+        if path in owners and not path.is_symlink() and path.is_file() and not _is_so_redirect(path):
+            translated.append(Source(_man_id(path), path, owners[path], "man"))
+    taken = {src.path for src in translated}
+    fill = [
+        Source(_man_id(path), path, package, "man")
+        for package in EN_FILL_PACKAGES
+        for path in _real_man_pages(owners, package)
+        if path not in taken
+    ]
+    return translated, fill
+
+
+def pydoc_sources() -> list[Source]:
+    paths = sorted(PYDOC_ROOT.rglob("*.rst.txt"))
+    return [
+        Source(str(p.relative_to(PYDOC_ROOT))[: -len(".txt")], p, PYDOC_PACKAGE, "rst")
+        for p in paths
+        if p.is_file()
+    ]
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _strip_header_footer(lines: list[str]) -> list[str]:
+    """Drop man's running header (first non-blank line) and footer (last non-blank line)."""
+    idx = [i for i, line in enumerate(lines) if line.strip()]
+    if len(idx) >= 2 and lines[idx[0]].rstrip().endswith(")"):  # "LS(1)   User Commands   LS(1)"
+        return lines[idx[0] + 1 : idx[-1]]
+    return lines
+
+
+def render_man(path: Path) -> str:
+    """Render one man page to plain text: `man --nh --nj -l FILE | col -bx`, fixed width and locale."""
+    man = subprocess.run(
+        ["man", "--nh", "--nj", "-l", str(path)], capture_output=True, env=RENDER_ENV, check=False
+    )
+    col = subprocess.run(
+        ["col", "-bx"], input=man.stdout, capture_output=True, env=RENDER_ENV, check=True
+    )
+    text = col.stdout.decode("utf-8", errors="replace")
+    return "\n".join(_strip_header_footer(text.split("\n")))
+
+
+def load_document(source: Source) -> str:
+    """Raw text of a source (rendered for man pages), cleaned."""
+    if source.kind == "man":
+        raw = render_man(source.path)
+    else:
+        raw = source.path.read_bytes().decode("utf-8", errors="replace")
+    return clean_text(raw)
+
+
+def load_all(sources: list[Source], workers: int) -> list[str]:
+    """Clean texts of `sources`, in the same order, rendered by a pool of `workers` processes."""
+    if workers <= 1:
+        return [load_document(src) for src in sources]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return pool.map(load_document, sources, chunksize=8)
+
+
+# ----------------------------------------------------------------------------- assembling
+
+
+def add_documents(
+    corpus: Corpus, sources: list[Source], texts: list[str], min_bytes: int | None = None
+) -> None:
+    """Append non-empty, not yet seen documents; stop once the corpus holds `min_bytes` of text."""
+    seen = {hashlib.sha256(body.encode()).digest() for _, body in corpus.documents}
+    size = len(corpus.text().encode())
+    for src, body in zip(sources, texts):
+        if min_bytes is not None and size >= min_bytes:
+            return
+        if not body.strip():
+            corpus.skipped_empty += 1
+            continue
+        digest = hashlib.sha256(body.encode()).digest()
+        if digest in seen:
+            corpus.skipped_duplicate += 1
+            continue
+        seen.add(digest)
+        corpus.documents.append((src, body))
+        size += len(f"# {src.doc_id}\n{body}".encode()) + (len(SEPARATOR) if len(corpus.documents) > 1 else 0)
+
+
+def compress(text: str) -> bytes:
+    data = text.encode("utf-8")
+    return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=XZ_PRESET)
+
+
+def compress_with_cap(corpus: Corpus) -> None:
+    """Compress; if above MAX_XZ_BYTES keep the longest prefix of documents that fits (binary search)."""
+    corpus.compressed = compress(corpus.text())
+    if len(corpus.compressed) <= MAX_XZ_BYTES:
+        return
+    all_docs = corpus.documents
+    low, high = 1, len(all_docs) - 1  # the answer n satisfies low <= n <= high
+    while low < high:
+        mid = (low + high + 1) // 2
+        corpus.documents = all_docs[:mid]
+        if len(compress(corpus.text())) <= MAX_XZ_BYTES:
+            low = mid
+        else:
+            high = mid - 1
+    corpus.documents = all_docs[:low]
+    corpus.dropped_by_cap = len(all_docs) - low
+    corpus.compressed = compress(corpus.text())
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def package_versions(packages: list[str]) -> dict[str, str]:
+    proc = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Package}\t${Version}\n", *packages],
+        capture_output=True, text=True, env=RENDER_ENV, check=True,
+    )
+    return dict(line.split("\t", 1) for line in proc.stdout.splitlines())
+
+
+def package_licences(package: str) -> str:
+    """Licence names from the `License:` fields of /usr/share/doc/<pkg>/copyright (DEP-5 files)."""
+    path = Path("/usr/share/doc") / package / "copyright"
+    if not path.is_file():
+        return f"(no {path})"
+    names = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith("License:") and line[len("License:") :].strip():
+            name = line[len("License:") :].strip()
+            if name not in names:
+                names.append(name)
+    return ", ".join(sorted(names)) if names else f"not machine-readable, see {path}"
+
+
+def corpus_stats(corpus: Corpus) -> dict[str, int]:
+    text = corpus.text()
+    return {
+        "documents": len(corpus.documents),
+        "characters": len(text),
+        "utf8_bytes": len(text.encode()),
+        "xz_bytes": len(corpus.compressed),
+    }
+
+
+CLEANING_RULES = """\
+Applied to every document of every corpus, in this order:
+1. Line ends normalised to `\\n`; Unicode NFC; control characters other than tab and newline (among them
+   the record separator `\\x1e`) and soft hyphens (U+00AD) removed; tabs expanded to 8 columns; trailing
+   spaces removed.
+2. Words broken across a line break after a hyphen (`-` or U+2010) are joined: `apt-\\n    cache(8)`
+   becomes `apt-cache(8)`. The hyphen is kept, because man pages are rendered without hyphenation
+   (`--nh`), so every line-final hyphen was written by the author; when the next word is a conjunction
+   (und, oder, bzw, sowie, and, or, nor) the hyphen is a suspended compound and a space is kept
+   (`Ein- und Aushängen`).
+3. Layout indentation collapsed: each paragraph (run of non-blank lines) loses the indentation common
+   to all its lines; indentation relative to the paragraph (option descriptions, code) is kept. A
+   paragraph made of an unindented first line over indented lines (a man section heading over its
+   body) is dedented below its first line.
+4. Runs of blank lines collapsed to one blank line; leading and trailing blank lines removed.
+5. Documents that are empty after cleaning are dropped, and so are exact duplicates of an earlier
+   document (same cleaned text, title line not counted); the first occurrence is kept.
+Man pages are rendered before cleaning: `man --nh --nj -l FILE | col -bx` with LC_ALL=C.UTF-8,
+LANG=C.UTF-8, MANWIDTH=80; the running header and footer lines are removed. Symbolic links and pages that
+only hold a `.so` redirect are skipped as aliases.
+"""
+
+
+def write_sources_md(out: Path, corpora: list[Corpus]) -> None:
+    """Write SOURCES.md: provenance, licences, counts, the build command and the cleaning rules."""
+    packages = sorted({src.package for corpus in corpora for src, _ in corpus.documents} | set(TOOL_PACKAGES))
+    versions = package_versions(packages)
+    lines = [
+        "# Shipped corpora: sources and provenance",
+        "",
+        "Generated by `scripts/build_corpora.py`; do not edit by hand. Rebuild (Debian 12, from the",
+        "repository root, after `apt-get install manpages manpages-de manpages-dev python3.11-doc man-db`)",
+        "with:",
+        "",
+        f"    {BUILD_COMMAND}",
+        "",
+        "## Format",
+        "",
+        "Each `<name>.txt.xz` is an xz-compressed (preset 9, CRC64) UTF-8 text. Documents are separated",
+        "by a line holding only the ASCII record separator: `\"\\n\\x1e\\n\"` between two documents, none",
+        "after the last; no document contains `\\x1e` and none is empty. The first line of each document",
+        "is kept as a title line `# <source id>` (e.g. `# ls.1`, `# library/os.rst`): it names the",
+        "document's origin, so a split by document is stable and can be inspected; the cleaned text follows",
+        "on the next line.",
+        "",
+        "## Corpora",
+        "",
+        "| corpus | documents | characters | UTF-8 bytes | xz bytes | empty dropped | duplicates dropped "
+        "| cut by the 3 MB cap |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for corpus in corpora:
+        s = corpus_stats(corpus)
+        lines.append(
+            f"| {corpus.name} | {s['documents']} | {s['characters']} | {s['utf8_bytes']} | {s['xz_bytes']} "
+            f"| {corpus.skipped_empty} | {corpus.skipped_duplicate} | {corpus.dropped_by_cap} |"
+        )
+    lines += [
+        "",
+        "- `en-man`: English manual pages (/usr/share/man/manN/). First every English page that manpages-de",
+        "  translates (whatever package ships it), then pages of the man-pages project (manpages, then",
+        "  manpages-dev) in path order, until the corpus holds at least 5,000,000 bytes of text.",
+        "- `de-man`: every German manual page shipped by manpages-de (/usr/share/man/de/manN/). German pages",
+        "  shipped by other packages (apt, dpkg, ...) are not included.",
+        "- `en-pydoc`: the reStructuredText sources of the Python 3.11 documentation",
+        "  (/usr/share/doc/python3.11/html/_sources/**/*.rst.txt, shipped by python3.11-doc).",
+        "- Documents appear in that order (sorted by path within each group). A corpus above 3,000,000",
+        "  compressed bytes would keep the longest prefix of documents that fits (the last column).",
+        "",
+        "## Packages, versions and licences",
+        "",
+        "Licences are the `License:` fields of `/usr/share/doc/<package>/copyright` (see that file for the",
+        "full terms). The corpora are derived from these works and stay under their licences, which differ",
+        "from this project's.",
+        "",
+        "| package | version | documents (en-man / de-man / en-pydoc) | licences |",
+        "|---|---|---|---|",
+    ]
+    for package in packages:
+        counts = [sum(1 for src, _ in c.documents if src.package == package) for c in corpora]
+        if package == PYDOC_PACKAGE:
+            licence = ("PSF License Agreement (Python software and documentation); code examples in the "
+                       "documentation also Zero-Clause BSD (see license.rst in the sources)")
+        elif package in TOOL_PACKAGES and not any(counts):
+            licence = "build tool, no text taken"
+        else:
+            licence = package_licences(package)
+        lines.append(
+            f"| {package} | {versions.get(package, '?')} | {' / '.join(map(str, counts))} | {licence} |"
+        )
+    lines += [
+        "",
+        "The man-pages project (manpages, manpages-dev) uses per-page licences (Linux-man-pages-copyleft,",
+        "GPL, BSD and others, listed in its copyright file); manpages-de translations are GPL-3+; the other",
+        "English pages come from the packages listed above under their own licences.",
+        "",
+        "## Cleaning",
+        "",
+        CLEANING_RULES.rstrip(),
+        "",
+        "## Determinism",
+        "",
+        "Inputs are sorted, rendering runs under the fixed environment above, no timestamps are written, and",
+        "xz uses a fixed preset, so two builds with the same package versions give identical bytes. The",
+        "rendering tools were: " + ", ".join(f"{p} {versions.get(p, '?')}" for p in TOOL_PACKAGES) + ".",
+        "",
+    ]
+    (out / "SOURCES.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def build(out: Path, workers: int) -> list[Corpus]:
+    """Build the three corpora into `out` and write SOURCES.md."""
+    out.mkdir(parents=True, exist_ok=True)
+    de_sources = de_man_sources()
+    translated, fill = en_man_candidates(de_sources)
+    py_sources = pydoc_sources()
+
+    de = Corpus("de-man")
+    add_documents(de, de_sources, load_all(de_sources, workers))
+
+    en = Corpus("en-man")
+    add_documents(en, translated, load_all(translated, workers))
+    start = 0
+    while len(en.text().encode()) < EN_MIN_BYTES and start < len(fill):
+        batch = fill[start : start + 200]  # render the fill in batches: only as much as is needed
+        add_documents(en, batch, load_all(batch, workers), min_bytes=EN_MIN_BYTES)
+        start += len(batch)
+    if len(en.text().encode()) < EN_MIN_BYTES:
+        sys.exit(f"en-man holds less than {EN_MIN_BYTES} bytes: install {', '.join(EN_FILL_PACKAGES)}")
+
+    py = Corpus("en-pydoc")
+    add_documents(py, py_sources, load_all(py_sources, workers))
+
+    corpora = [en, de, py]
+    for corpus in corpora:
+        compress_with_cap(corpus)
+        _write_atomic(out / f"{corpus.name}.txt.xz", corpus.compressed)
+    write_sources_md(out, corpora)
+    return corpora
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--out", type=Path, default=Path("cptlab/corpora"), help="output folder")
+    parser.add_argument("--workers", type=int, default=2, help="rendering processes (default 2)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    corpora = build(args.out, args.workers)
+    for corpus in corpora:
+        stats = corpus_stats(corpus)
+        print(f"{corpus.name}: " + ", ".join(f"{k} {v}" for k, v in stats.items())
+              + f", duplicates dropped {corpus.skipped_duplicate}, cut by cap {corpus.dropped_by_cap}")
+    print(f"built in {time.perf_counter() - start:.0f} s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
