@@ -1,0 +1,334 @@
+"""Corpus registry: the shipped corpora plus the user's own, loaded as Hugging Face datasets.
+
+A user corpus is registered by name in a run config's ``corpora`` mapping:
+``{mybooks: {path: "data/*.txt"}}``, ``{notes: {path: notes.jsonl, text_field: body}}``,
+``{tables: {path: "dump/*.parquet"}}`` or ``{web: {hf: org/name, config: en, split: train}}``.
+Every corpus becomes a ``datasets.Dataset`` with one ``text`` column, one row per document.
+The deterministic train/validation split by document lives here too (``split_mask``).
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import hashlib
+import json
+import lzma
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cptlab.config import ConfigError
+
+# Bump when loading, cleaning or splitting changes: it invalidates every cached shard.
+DATA_VERSION = 1
+SEPARATOR = "\n\x1e\n"  # between documents of a shipped corpus (a line holding only ASCII RS)
+CORPORA_DIR = Path(__file__).parent / "corpora"
+
+SHIPPED: dict[str, dict[str, str]] = {
+    "en-man": dict(language="en", domain="manual pages",
+                   description="English manual pages (Debian), rendered to plain text"),
+    "en-pydoc": dict(language="en", domain="Python documentation",
+                     description="reStructuredText sources of the Python documentation"),
+    "de-man": dict(language="de", domain="manual pages",
+                   description="German manual pages (Debian manpages-de), rendered to plain text"),
+}
+
+# Validation split: 5% of documents, topped up towards ~100k tokens (~400k characters at ~4 characters
+# per BPE token) but never beyond 10% of the corpus's characters.
+VAL_FRACTION = 0.05
+VAL_MIN_CHARS = 400_000
+VAL_MAX_SHARE = 0.10
+
+USER_KEYS = ("path", "text_field", "sample_by", "hf", "config", "split", "revision",
+             "language", "domain", "description")
+FILE_KINDS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+SAMPLE_BY = ("document", "paragraph", "line")
+
+
+class DataError(ConfigError):
+    """Bad data or a bad corpus spec; the message says which corpus and what is allowed."""
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache folder: ``cache_dir`` if given, else ``$CPTLAB_CACHE``, else ``~/.cache/cptlab``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("CPTLAB_CACHE"):
+        return Path(os.environ["CPTLAB_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(base).expanduser() / "cptlab"
+
+
+def _load_dataset(*args: Any, **kwargs: Any):
+    """``datasets.load_dataset``, imported late (importing datasets takes a second or two)."""
+    from datasets import load_dataset
+
+    return load_dataset(*args, **kwargs)
+
+
+class Registry:
+    """The corpora a run may name: the shipped ones (unless ``include_shipped`` is False) plus ``user``
+    (name -> spec). ``cache_dir`` holds Hugging Face's arrow files of loaded user corpora."""
+
+    def __init__(self, user: dict[str, dict[str, Any]] | None = None, cache_dir: str | None = None,
+                 include_shipped: bool = True):
+        self.cache_dir = cache_dir
+        self.invalid_utf8: dict[str, int] = {}  # corpus -> invalid UTF-8 sequences replaced on load
+        self._specs: dict[str, dict[str, Any]] = {
+            name: {"shipped": True} for name in SHIPPED if include_shipped}
+        self._files: dict[str, list[Path]] = {}
+        for name, spec in (user or {}).items():
+            self._add(str(name), spec)
+
+    # -- registration ------------------------------------------------------------------------
+    def _add(self, name: str, spec: Any) -> None:
+        where = f"corpora.{name}"
+        if name in SHIPPED:
+            raise DataError(f"{where}: {name!r} is a shipped corpus; register yours under another name")
+        if not name or "/" in name:
+            raise DataError(f"{where}: a corpus name must be non-empty and without '/'")
+        if not isinstance(spec, dict):
+            raise DataError(f"{where}: expected a mapping with 'path' or 'hf', got {spec!r}")
+        for key in spec:
+            if key not in USER_KEYS:
+                raise DataError(f"{where}.{key}: unknown key; allowed: {', '.join(USER_KEYS)}")
+        if ("path" in spec) == ("hf" in spec):
+            raise DataError(f"{where}: give exactly one of 'path' (local files) or 'hf' (a hub dataset)")
+        for key in ("path", "hf", "text_field", "config", "split", "revision"):
+            if key in spec and spec[key] is not None and not isinstance(spec[key], str):
+                raise DataError(f"{where}.{key}: expected a string, got {spec[key]!r}")
+        sample_by = spec.get("sample_by", "document")
+        if sample_by not in SAMPLE_BY:
+            raise DataError(f"{where}.sample_by: {sample_by!r} not allowed; allowed: {', '.join(SAMPLE_BY)}")
+        self._specs[name] = dict(spec)
+        kinds = {"hub"}
+        if "path" in spec:
+            self._files[name] = _resolve_files(where, spec["path"])
+            kinds = {FILE_KINDS[f.suffix.lower()] for f in self._files[name]}
+        if "sample_by" in spec and kinds != {"text"}:
+            raise DataError(f"{where}.sample_by: only applies to .txt files")
+
+    # -- queries -----------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self._specs)
+
+    def check(self, name: str) -> None:
+        """Raise ``DataError`` listing the known corpora if ``name`` is not one of them."""
+        if name not in self._specs:
+            raise DataError(f"unknown corpus {name!r}; known corpora: {', '.join(self.names())}")
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def info(self, name: str) -> dict[str, str]:
+        """language, domain, description and source of a corpus."""
+        self.check(name)
+        if name in SHIPPED:
+            return dict(name=name, **SHIPPED[name], source=str(CORPORA_DIR / f"{name}.txt.xz"))
+        spec = self._specs[name]
+        source = spec.get("path") or "hf:" + "/".join(
+            str(spec[k]) for k in ("hf", "config", "split") if spec.get(k))
+        return dict(name=name, language=spec.get("language", "?"), domain=spec.get("domain", "user"),
+                    description=spec.get("description", f"user corpus from {source}"), source=source)
+
+    def source_hash(self, name: str) -> str:
+        """A short hash of what a corpus's documents are made from (cheap: no loading)."""
+        self.check(name)
+        spec = self._specs[name]
+        if name in SHIPPED:
+            parts: Any = _file_sha256(_shipped_path(name))
+        elif "hf" in spec:
+            parts = spec  # a hub dataset is taken as fixed; pin it with 'revision'
+        else:
+            stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in self._files[name]]
+            parts = dict(spec, files=stats)
+        text = json.dumps([DATA_VERSION, name, parts], sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    # -- loading -----------------------------------------------------------------------------
+    def documents(self, name: str, cache_dir: str | None = None):
+        """The corpus as a ``datasets.Dataset`` with one ``text`` column (empty documents dropped)."""
+        from datasets import Dataset
+
+        self.check(name)
+        spec = self._specs[name]
+        hf_cache = str(cache_root(cache_dir or self.cache_dir) / "hf-datasets")
+        where = f"corpora.{name}"
+        if name in SHIPPED:
+            ds = Dataset.from_dict({"text": read_shipped(_shipped_path(name))})
+        elif "hf" in spec:
+            ds = _load_dataset(spec["hf"], spec.get("config"), split=spec.get("split") or "train",
+                               revision=spec.get("revision"), cache_dir=hf_cache)
+            ds = _text_column(ds, where, spec.get("text_field") or "text", spec["hf"])
+        else:
+            ds = self._load_files(name, spec, hf_cache)
+        ds = ds.filter(_non_empty, batched=True, desc=f"dropping empty documents of {name}")
+        if len(ds) == 0:
+            raise DataError(f"{where}: corpus {name!r} holds no text (every document is empty)")
+        return ds
+
+    def _load_files(self, name: str, spec: dict[str, Any], hf_cache: str):
+        where = f"corpora.{name}"
+        files = self._files[name]
+        kinds = {FILE_KINDS[f.suffix.lower()] for f in files}
+        if len(kinds) > 1:
+            raise DataError(f"{where}.path: files of mixed kinds ({', '.join(sorted(kinds))}); "
+                            "use one kind of file per corpus")
+        kind = kinds.pop()
+        data_files = [str(f) for f in files]
+        bad = 0
+        if kind in ("text", "json"):
+            for f in files:
+                n = count_invalid_utf8(f)
+                if n:
+                    warnings.warn(f"{where}: {f} holds {n} invalid UTF-8 sequence(s); "
+                                  "each was replaced with U+FFFD", stacklevel=3)
+                bad += n
+        self.invalid_utf8[name] = bad
+        if kind == "text":
+            sample_by = spec.get("sample_by", "document")
+            ds = _load_dataset("text", data_files=data_files, split="train", sample_by=sample_by,
+                               encoding_errors="replace", cache_dir=hf_cache)
+            if sample_by == "document":  # a file may hold several documents, as the shipped ones do
+                ds = ds.map(_split_separators, batched=True, desc=f"splitting documents of {name}")
+            return ds
+        if kind == "json":
+            # datasets re-decodes (with encoding_errors) only when the encoding is not spelt "utf-8";
+            # "utf_8" is the same codec under another spelling.
+            extra = dict(encoding="utf_8", encoding_errors="replace") if bad else {}
+            ds = _load_dataset("json", data_files=data_files, split="train", cache_dir=hf_cache, **extra)
+        else:
+            ds = _load_dataset("parquet", data_files=data_files, split="train", cache_dir=hf_cache)
+        shown = data_files[0] if len(data_files) == 1 else f"{len(data_files)} files ({spec['path']})"
+        return _text_column(ds, where, spec.get("text_field") or "text", shown)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def _shipped_path(name: str) -> Path:
+    path = CORPORA_DIR / f"{name}.txt.xz"
+    if not path.exists():
+        raise DataError(f"shipped corpus {name!r} is missing: {path} does not exist "
+                        "(build it with scripts/build_corpora.py or reinstall cptlab)")
+    return path
+
+
+def read_shipped(path: str | os.PathLike) -> list[str]:
+    """The documents of a shipped corpus file (xz-compressed UTF-8, documents split by SEPARATOR)."""
+    with lzma.open(path, "rt", encoding="utf-8") as f:
+        return [doc for doc in f.read().split(SEPARATOR) if doc.strip()]
+
+
+_sha_cache: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _sha_cache:
+        _sha_cache[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return _sha_cache[key]
+
+
+def _resolve_files(where: str, pattern: str) -> list[Path]:
+    """The files a ``path`` names: a file, a folder (its files, recursively) or a glob."""
+    path = Path(pattern).expanduser()
+    if glob.has_magic(str(path)):
+        files = [Path(p) for p in sorted(glob.glob(str(path), recursive=True)) if Path(p).is_file()]
+        if not files:
+            raise DataError(f"{where}.path: {pattern!r} matches no files")
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_KINDS)
+        if not files:
+            raise DataError(f"{where}.path: folder {pattern!r} holds no {'/'.join(FILE_KINDS)} files")
+    elif path.exists():
+        files = [path]
+    else:
+        raise DataError(f"{where}.path: {pattern!r} does not exist")
+    for f in files:
+        if f.suffix.lower() not in FILE_KINDS:
+            raise DataError(f"{where}.path: {f} is not a supported file; allowed: {', '.join(FILE_KINDS)}")
+        if f.stat().st_size == 0:
+            raise DataError(f"{where}.path: file {f} is empty")
+    return files
+
+
+def _text_column(ds, where: str, field: str, shown: str):
+    """Keep only ``field``, renamed to ``text``; a clear error if it is missing or not text."""
+    if field not in ds.column_names:
+        raise DataError(f"{where}.text_field: {shown} has no field {field!r}; "
+                        f"its fields: {', '.join(ds.column_names)}")
+    dtype = getattr(ds.features[field], "dtype", None)
+    if dtype not in ("string", "large_string"):
+        raise DataError(f"{where}.text_field: field {field!r} of {shown} is not text (it is {dtype})")
+    ds = ds.select_columns([field])
+    return ds.rename_column(field, "text") if field != "text" else ds
+
+
+def _non_empty(batch: dict[str, list]) -> list[bool]:
+    return [bool(t and t.strip()) for t in batch["text"]]
+
+
+def _split_separators(batch: dict[str, list]) -> dict[str, list]:
+    return {"text": [doc for t in batch["text"] for doc in t.split(SEPARATOR)]}
+
+
+_invalid_seen = 0
+
+
+def _replace_and_count(exc: UnicodeError) -> tuple[str, int]:
+    global _invalid_seen
+    if not isinstance(exc, UnicodeDecodeError):
+        raise exc
+    _invalid_seen += 1
+    return "\ufffd", exc.end
+
+
+codecs.register_error("cptlab-replace-count", _replace_and_count)
+
+
+def count_invalid_utf8(path: str | os.PathLike, chunk: int = 1 << 22) -> int:
+    """How many U+FFFD a replacing UTF-8 decode of the file inserts (0 for a valid file)."""
+    global _invalid_seen
+    _invalid_seen = 0
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="cptlab-replace-count")
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            decoder.decode(block)
+    decoder.decode(b"", final=True)
+    return _invalid_seen
+
+
+def doc_key(text: str) -> int:
+    """A 63-bit hash of a document's text (fits int64), the same on every machine (unlike ``hash()``)."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def split_mask(keys: Sequence[int] | np.ndarray, chars: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Which documents are validation documents (True), from their ``doc_key`` and length.
+
+    Documents are ranked by key; the lowest-ranked go to validation until it holds 5% of the documents
+    and ``min(VAL_MIN_CHARS, VAL_MAX_SHARE x all characters)`` characters. At least one document stays
+    in training; a single-document corpus has no validation split.
+    """
+    keys = np.asarray(keys, dtype=np.int64)
+    chars = np.asarray(chars, dtype=np.int64)
+    n = len(keys)
+    mask = np.zeros(n, dtype=bool)
+    if n < 2:
+        return mask
+    order = np.lexsort((np.arange(n), keys))  # by key, ties by position
+    min_docs = max(1, math.ceil(VAL_FRACTION * n))
+    char_target = min(VAL_MIN_CHARS, VAL_MAX_SHARE * int(chars.sum()))
+    cum = np.cumsum(chars[order])
+    # smallest count k with k >= min_docs and cum[k-1] >= char_target
+    k = max(min_docs, int(np.searchsorted(cum, char_target)) + 1)
+    mask[order[:min(k, n - 1)]] = True
+    return mask

@@ -1,0 +1,16 @@
+"""The data layer's public API: corpora, tokenizers, tokenised shards and the replay batch sampler.
+
+The pieces live in ``corpus`` (registry, user data, train/validation split), ``tokenizer``,
+``shards`` (tokenised memmaps, the corpora table) and ``sampler`` (compute-equivalent replay).
+"""
+
+from cptlab.corpus import SHIPPED, DataError, Registry, cache_root, split_mask
+from cptlab.sampler import BatchSampler
+from cptlab.shards import corpora_table, print_corpora_table, shard_meta, token_shard, val_tokens
+from cptlab.tokenizer import Tokenizer, load_tokenizer, train_bpe
+
+__all__ = [
+    "SHIPPED", "BatchSampler", "DataError", "Registry", "Tokenizer", "cache_root", "corpora_table",
+    "load_tokenizer", "print_corpora_table", "shard_meta", "split_mask", "token_shard", "train_bpe",
+    "val_tokens",
+]
