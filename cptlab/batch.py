@@ -1,0 +1,62 @@
+"""Execute the lab's notebooks with papermill (``cptlab batch``), at any scale."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def notebook_parameters(path: Path) -> dict[str, Any]:
+    """Names and default values of the cell tagged ``parameters``."""
+    nb = json.loads(path.read_text())
+    for cell in nb["cells"]:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            source = "".join(cell["source"])
+            values: dict[str, Any] = {}
+            exec(compile(source, str(path), "exec"), {}, values)  # the cell holds plain assignments
+            return values
+    return {}
+
+
+def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device: str = "auto",
+              out: str | Path = "runs/batch", params: dict[str, Any] | None = None) -> int:
+    """Run each notebook (all in ``notebooks/`` by default) into ``out``; a notebook that takes
+    ``shift`` runs once per shift. A failing notebook is saved with its error and the rest still run;
+    returns 0 when all succeeded, 1 otherwise."""
+    import papermill
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [Path(p) for p in notebooks] if notebooks else sorted(NOTEBOOK_DIR.glob("[0-9]*.ipynb"))
+    failed = []
+    total_start = time.perf_counter()
+    for path in paths:
+        defaults = notebook_parameters(path)
+        shifts = ["weak", "strong"] if "shift" in defaults and "shift" not in (params or {}) else [None]
+        for shift in shifts:
+            name = path.stem + (f"-{shift}" if shift else "")
+            values = {"scale": scale, "device": device, "out_dir": str(out / name)}
+            values.update(params or {})
+            if shift:
+                values["shift"] = shift
+            values = {k: v for k, v in values.items() if k in defaults}
+            start = time.perf_counter()
+            print(f"[batch] {name}: running at scale {scale} ...", flush=True)
+            try:
+                papermill.execute_notebook(str(path), str(out / f"{name}.ipynb"), parameters=values,
+                                           cwd=str(path.parent), progress_bar=False)
+                status = "ok"
+            except Exception as exc:  # noqa: BLE001 - papermill saved the notebook with its error
+                failed.append(name)
+                status = f"FAILED ({type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]})"
+            print(f"[batch] {name}: {status} in {time.perf_counter() - start:.1f}s", flush=True)
+    print(f"[batch] {len(failed)} failed of the notebooks run, {time.perf_counter() - total_start:.0f}s "
+          f"in all; executed notebooks in {out}", flush=True)
+    if failed:
+        print(f"[batch] failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,85 @@
+"""Command line: ``cptlab train | batch | corpora`` (also ``python -m cptlab ...``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Offline by default: local data never needs the hub. Users with a network and a hub corpus set
+# HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0.
+for _var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
+
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from cptlab.config import RunConfig
+    from cptlab.train import train
+
+    cfg = RunConfig.load(args.config, args.set)
+    result = train(cfg, args.out, quiet=args.quiet)
+    return 0 if result.status == "done" else 1
+
+
+def _cmd_corpora(args: argparse.Namespace) -> int:
+    from cptlab import data
+    from cptlab.config import RunConfig, TokenizerConfig
+
+    user = RunConfig.load(args.config).corpora if args.config else {}
+    registry = data.Registry(user)
+    tok_cfg = TokenizerConfig(kind=args.tokenizer, vocab_size=args.vocab_size)
+    tokenizer = data.load_tokenizer(tok_cfg, registry)
+    data.print_corpora_table(registry, tokenizer)
+    return 0
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from cptlab.batch import run_batch
+
+    params = {name: value for name, value in (args.param or [])}
+    return run_batch(args.notebooks, scale=args.scale, device=args.device, out=args.out, params=params)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cptlab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run a run config; resumes if DIR holds the same run")
+    p.add_argument("config", help="run config (YAML)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set stages.1.replay.fraction=0.05")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("corpora", help="list the corpora with their sizes in tokens")
+    p.add_argument("--config", help="a run config whose user corpora to include")
+    p.add_argument("--tokenizer", default="bpe", choices=["bpe", "byte"])
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.set_defaults(func=_cmd_corpora)
+
+    p = sub.add_parser("batch", help="execute notebooks with papermill")
+    p.add_argument("notebooks", nargs="*", help="notebooks to run (default: all in notebooks/)")
+    p.add_argument("--scale", default="tiny")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/batch")
+    p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="extra notebook parameter")
+    p.set_defaults(func=_cmd_batch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cptlab.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"cptlab {args.command}: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cptlab {args.command}: interrupted", file=sys.stderr)
+        return 130

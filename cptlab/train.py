@@ -1,0 +1,331 @@
+"""Run a RunConfig stage by stage: data, model, schedule, evaluation, checkpoints, exact resume, DDP.
+
+``train(cfg, out_dir)`` is what ``cptlab train`` calls. Reading it top to bottom:
+
+1. set up (distributed if launched by torchrun), check the config, load tokenizer and token shards;
+2. claim the run directory (refuse a different config) and resume from its newest good checkpoint;
+3. for each stage: start from the previous stage, from scratch or from a checkpoint; reset the
+   optimizer if asked; build the replay sampler and the stage's LR schedule; train, logging a line every
+   ``train.log_every_steps`` steps, evaluating every ``eval.every_tokens`` tokens and at the stage end,
+   writing a rolling checkpoint every ``train.checkpoint_every_tokens`` and a kept one at the stage end.
+
+The LR is a pure function of (stage, step), the sampler's position is saved, and so are the RNG states:
+a run killed at any moment and resumed writes the same metrics.jsonl as one never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cptlab import data, runtime, schedules
+from cptlab.config import ConfigError, RunConfig, Stage, atomic_write_text
+from cptlab.model import GPT
+from cptlab.store import RunDir, load_checkpoint
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left in place."""
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    status: str  # "done" | "stopped"
+    final_val: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class _Progress:
+    """Counters that a checkpoint saves and a resume restores."""
+
+    stage_index: int = 0
+    stage_step: int = 0  # optimizer steps done in the current stage
+    step: int = 0  # optimizer steps in the whole run
+    tokens: int = 0  # tokens trained on in the whole run
+    tokens_by_source_done: dict[str, int] = field(default_factory=dict)  # finished stages
+    next_eval_tokens: int = 0
+    next_ckpt_tokens: int = 0
+
+
+def _setup_distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    if world > 1:
+        return dist.get_rank(), world
+    return 0, 1
+
+
+def _stage_sources(stage: Stage) -> list[str]:
+    names = list(stage.data)
+    if stage.replay is not None and stage.replay.fraction > 0 and stage.replay.source not in names:
+        names.append(stage.replay.source)
+    return names
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, val_sets: dict[str, np.ndarray], seq_len: int, batch_size: int,
+             device: torch.device, autocast: contextlib.AbstractContextManager) -> dict[str, float]:
+    """Mean next-token loss over the same fixed validation tokens of each set."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for name, tokens in val_sets.items():
+        n_seq = (len(tokens) - 1) // seq_len
+        arr = torch.from_numpy(np.asarray(tokens[: n_seq * seq_len + 1], dtype=np.int64))
+        x_all, y_all = arr[:-1].view(n_seq, seq_len), arr[1:].view(n_seq, seq_len)
+        total = 0.0
+        for i in range(0, n_seq, batch_size):
+            x, y = x_all[i:i + batch_size].to(device), y_all[i:i + batch_size].to(device)
+            with autocast:
+                _, loss = model(x, y, return_logits=False)
+            total += float(loss) * len(x)
+        out[name] = total / n_seq
+    model.train(was_training)
+    return out
+
+
+def train(cfg: RunConfig, out_dir: str | Path, *, quiet: bool = False,
+          stop: Callable[[], bool] | None = None,
+          on_record: Callable[[dict[str, Any]], None] | None = None,
+          cache_dir: str | Path | None = None) -> TrainResult:
+    """Run (or resume) ``cfg`` in ``out_dir``. ``stop()`` returning True ends the run at the next step
+    with a checkpoint (resume by calling again); ``on_record`` sees every metrics line as it is written."""
+    rank, world = _setup_distributed()
+    registry = data.Registry(cfg.corpora)
+    cfg.validate(registry.names())
+    t = cfg.train
+    share = t.batch_size // world
+    if t.batch_size % world:
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by the {world} processes")
+    micro = t.micro_batch_size or share
+    if share % micro:
+        raise ConfigError(f"train.micro_batch_size ({micro}) must divide the per-process batch ({share})")
+    runtime.set_threads(t.threads)
+
+    tokenizer = data.load_tokenizer(cfg.tokenizer, registry, cache_dir=cache_dir)
+    resolved = cfg.resolve(vocab_size=tokenizer.vocab_size)
+    if resolved.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size ({resolved.model.vocab_size}) is smaller than the "
+                          f"tokenizer's ({tokenizer.vocab_size})")
+    run = RunDir(out_dir)
+    if rank == 0:
+        run.claim(resolved)
+    if world > 1:
+        dist.barrier()
+
+    device = runtime.pick_device(t.device)
+    precision = runtime.pick_precision(t.precision, device)
+    autocast = runtime.autocast_context(device, precision)
+    train_names = sorted({n for st in resolved.stages for n in _stage_sources(st)})
+    shards = {n: data.token_shard(n, "train", tokenizer, registry, cache_dir=cache_dir) for n in train_names}
+    val_sets = {n: data.val_tokens(n, tokenizer, registry, resolved.eval.tokens, cache_dir=cache_dir)
+                for n in resolved.eval.sets}
+    for name, tokens in val_sets.items():
+        if len(tokens) < t.seq_len + 1:
+            raise ConfigError(f"eval.sets: {name!r} has {len(tokens)} validation tokens, fewer than one "
+                              f"sequence of train.seq_len + 1 = {t.seq_len + 1}")
+
+    torch.manual_seed(t.seed)
+    model = GPT(resolved.model).to(device)
+    optimizer = runtime.make_optimizer(model, t)
+    progress = _Progress(next_eval_tokens=resolved.eval.every_tokens,
+                         next_ckpt_tokens=t.checkpoint_every_tokens)
+    sampler_state = None
+    last_val: dict[str, float] = {}
+
+    ckpt = run.latest_checkpoint() if run.config_path.exists() else None
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        progress = _Progress(**ckpt["progress"])
+        sampler_state = ckpt["sampler"]
+        last_val = dict(ckpt.get("last_val", {}))
+        _set_rng_state(ckpt["rng"])
+    if rank == 0:
+        run.open_metrics(ckpt["metrics_bytes"] if ckpt is not None else 0)
+
+    def log(record: dict[str, Any]) -> None:
+        if rank == 0:
+            run.log(record)
+        if on_record is not None:
+            on_record(record)
+
+    def save(name: str, sampler: data.BatchSampler | None) -> None:
+        if rank != 0:
+            return
+        state = {
+            "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "progress": vars(progress).copy(), "sampler": sampler.state_dict() if sampler else None,
+            "rng": _rng_state(), "last_val": last_val, "metrics_bytes": run.metrics_size(),
+            "config_hash": resolved.hash(),
+        }
+        run.save_checkpoint(state, name)
+        if name.startswith("stage-"):
+            atomic_write_text(run.ckpt_dir / f"{name}.json", f'{{"step": {progress.step}}}\n')
+
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model)
+    step_model = torch.compile(ddp_model) if t.compile else ddp_model
+    status = "done"
+
+    for si in range(progress.stage_index, len(resolved.stages)):
+        stage = resolved.stages[si]
+        starting = progress.stage_step == 0 and sampler_state is None
+        base = None
+        if starting:
+            base = _begin_stage(stage, si, model, resolved)
+            if stage.reset_optimizer or si == 0:
+                optimizer = runtime.make_optimizer(model, t)
+            if base is not None and not stage.reset_optimizer:
+                optimizer.load_state_dict(base["optimizer"])
+            if base is not None and si == 0:  # continue the base model's counters so curves line up
+                progress.step = base["progress"]["step"]
+                progress.tokens = base["progress"]["tokens"]
+                progress.next_eval_tokens = progress.tokens + resolved.eval.every_tokens
+                progress.next_ckpt_tokens = progress.tokens + t.checkpoint_every_tokens
+        weights = stage.data
+        sampler = data.BatchSampler(
+            {n: shards[n] for n in _stage_sources(stage)}, weights, stage.replay, t.seq_len, t.batch_size,
+            stage.tokens, seed=t.seed, rank=rank, world_size=world)
+        if sampler_state is not None:
+            sampler.load_state_dict(sampler_state)
+            sampler_state = None
+        n_steps = sampler.num_steps
+        lr_at = schedules.build(stage.schedule.to_spec(), n_steps)
+        batch_tokens = t.batch_size * t.seq_len
+
+        if base is not None and si == 0 and val_sets:  # where the base model starts from
+            last_val = evaluate(model, val_sets, t.seq_len, micro, device, autocast)
+            log({"step": progress.step, "tokens": progress.tokens, "stage": stage.name,
+                 "lr": lr_at(0), "val": last_val})
+
+        bar = None
+        if not quiet and rank == 0:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=n_steps * batch_tokens, initial=progress.stage_step * batch_tokens,
+                       desc=f"[{si + 1}/{len(resolved.stages)}] {stage.name}", unit="tok", unit_scale=True,
+                       leave=True, dynamic_ncols=True)
+        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        while progress.stage_step < n_steps:
+            if stop is not None and stop():
+                save(f"step-{progress.step:09d}", sampler)
+                status = "stopped"
+                break
+            lr = lr_at(progress.stage_step)
+            x, y = sampler.next_batch()
+            micro_batches = [(x[i:i + micro].to(device), y[i:i + micro].to(device))
+                             for i in range(0, share, micro)]
+            loss = runtime.train_step(step_model, optimizer, micro_batches, lr, t.grad_clip, autocast)
+            if world > 1:
+                loss_t = torch.tensor([loss], dtype=torch.float64)
+                dist.all_reduce(loss_t)
+                loss = float(loss_t) / world
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss is {loss} at step {progress.step + 1} (stage {stage.name!r}, stage step "
+                    f"{progress.stage_step + 1}); the last good checkpoint in {run.ckpt_dir} is kept")
+            progress.stage_step += 1
+            progress.step += 1
+            progress.tokens += batch_tokens
+            window_loss += loss
+            window_steps += 1
+            if bar is not None:
+                bar.update(batch_tokens)
+            last = progress.stage_step == n_steps
+            if progress.stage_step % t.log_every_steps == 0 or last:
+                elapsed = time.perf_counter() - window_start
+                by_source = dict(progress.tokens_by_source_done)
+                for name, n in sampler.tokens_by_source.items():
+                    by_source[name] = by_source.get(name, 0) + int(n)
+                mean_loss = window_loss / window_steps
+                log({"step": progress.step, "tokens": progress.tokens, "stage": stage.name, "lr": lr,
+                     "train_loss": mean_loss, "tokens_by_source": by_source,
+                     "tokens_per_s": window_steps * batch_tokens / max(elapsed, 1e-9)})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", refresh=False)
+                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+            due_eval = resolved.eval.every_tokens and progress.tokens >= progress.next_eval_tokens
+            if val_sets and (due_eval or last):
+                last_val = evaluate(model, val_sets, t.seq_len, micro, device, autocast)
+                log({"step": progress.step, "tokens": progress.tokens, "stage": stage.name, "lr": lr,
+                     "val": last_val})
+            while resolved.eval.every_tokens and progress.next_eval_tokens <= progress.tokens:
+                progress.next_eval_tokens += resolved.eval.every_tokens
+            if last:
+                done = dict(progress.tokens_by_source_done)
+                for name, n in sampler.tokens_by_source.items():
+                    done[name] = done.get(name, 0) + int(n)
+                progress.tokens_by_source_done = done
+                progress.stage_index, progress.stage_step = si + 1, 0
+                save(f"stage-{stage.name}", None)
+                break
+            elif t.checkpoint_every_tokens and progress.tokens >= progress.next_ckpt_tokens:
+                while progress.next_ckpt_tokens <= progress.tokens:
+                    progress.next_ckpt_tokens += t.checkpoint_every_tokens
+                save(f"step-{progress.step:09d}", sampler)
+        if bar is not None:
+            bar.close()
+        if status == "stopped":
+            break
+        if rank == 0 and not quiet and last_val:
+            vals = "  ".join(f"{k} {v:.4f}" for k, v in last_val.items())
+            print(f"stage {stage.name} done at {progress.tokens:,} tokens: val {vals}", flush=True)
+
+    if rank == 0:
+        if status == "done":
+            run.mark_done()
+        run.close()
+    return TrainResult(Path(out_dir), status, last_val, progress.step, progress.tokens)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "_orig_mod", getattr(model, "module", model))
+
+
+def _begin_stage(stage: Stage, index: int, model: GPT, cfg: RunConfig) -> dict[str, Any] | None:
+    """Set the model's starting weights for a stage: previous stage, scratch, or a checkpoint (returned)."""
+    if stage.init_from == "scratch" and index > 0:
+        torch.manual_seed(cfg.train.seed + index)
+        model.load_state_dict(GPT(cfg.model).state_dict())
+    elif stage.init_from not in ("previous", "scratch"):
+        path = Path(stage.init_from)
+        if not path.exists():
+            raise ConfigError(f"stages[{index}] ({stage.name}).init_from: checkpoint {path} does not exist")
+        state = load_checkpoint(path)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise ConfigError(f"stages[{index}] ({stage.name}).init_from: {path} does not fit this model: "
+                              f"{str(exc).splitlines()[0]}") from None
+        return state
+    return None
