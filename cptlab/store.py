@@ -167,3 +167,54 @@ def _checkpoint_step(path: Path) -> int:
         except (ValueError, KeyError):
             pass
     return -1
+
+
+# -- loading runs for analysis ---------------------------------------------------------------------
+
+def eval_frame(run_path: str | Path, labels: dict[str, Any] | None = None):
+    """One run's evaluation lines as a pandas DataFrame: step, tokens, stage, lr, one ``val_<set>``
+    column per eval set, plus ``labels`` (default: the run's labels.json) as constant columns."""
+    import pandas as pd
+
+    run = RunDir(run_path)
+    if labels is None:
+        path = run.path / "labels.json"
+        labels = json.loads(path.read_text()) if path.exists() else {}
+    rows = []
+    for rec in run.read_metrics():
+        if "val" in rec:
+            row = {"step": rec["step"], "tokens": rec["tokens"], "stage": rec["stage"], "lr": rec["lr"]}
+            row.update({f"val_{k}": v for k, v in rec["val"].items()})
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    for key, value in labels.items():
+        df[key] = [value] * len(df) if isinstance(value, (list, dict)) else value
+    df["run_id"] = run.path.name
+    df["done"] = run.done
+    return df
+
+
+def load_experiment(root: str | Path, experiment: str | None = None):
+    """All runs under ``root/<experiment>/`` (every experiment if None) in one DataFrame, one row per
+    evaluation line, with each run's labels (experiment, name, shift, replay, ...) as columns."""
+    import pandas as pd
+
+    root = Path(root)
+    pattern = f"{experiment}/*/metrics.jsonl" if experiment else "*/*/metrics.jsonl"
+    frames = [eval_frame(p.parent) for p in sorted(root.glob(pattern))]
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def load_runs(runs: list, root: str | Path = "runs"):
+    """The evaluation lines of ``runs`` (``cptlab.experiments.Run``) in one DataFrame; each run's labels
+    come from its builder, so a run shared by two experiments is labelled as each one asks."""
+    import pandas as pd
+
+    frames = []
+    for run in runs:
+        path = Path(root) / run.experiment / run.run_id
+        df = eval_frame(path, {"experiment": run.experiment, "name": run.name, **run.labels})
+        if len(df):
+            frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -5,7 +5,9 @@
 1. set up (distributed if launched by torchrun), check the config, load tokenizer and token shards;
 2. claim the run directory (refuse a different config) and resume from its newest good checkpoint;
 3. for each stage: start from the previous stage, from scratch or from a checkpoint; reset the
-   optimizer if asked; build the replay sampler and the stage's LR schedule; train, logging a line every
+   optimizer if asked; build the replay sampler (a corpus read as new data continues where earlier
+   stages, or the checkpoint's run, stopped; a replayed corpus is read again from the start of its
+   original order) and the stage's LR schedule; train, logging a line every
    ``train.log_every_steps`` steps, evaluating every ``eval.every_tokens`` tokens and at the stage end,
    writing a rolling checkpoint every ``train.checkpoint_every_tokens`` and a kept one at the stage end.
 
@@ -56,6 +58,7 @@ class _Progress:
     step: int = 0  # optimizer steps in the whole run
     tokens: int = 0  # tokens trained on in the whole run
     tokens_by_source_done: dict[str, int] = field(default_factory=dict)  # finished stages
+    sequences_done: dict[str, int] = field(default_factory=dict)  # new data read by finished stages
     next_eval_tokens: int = 0
     next_ckpt_tokens: int = 0
 
@@ -211,12 +214,14 @@ def train(cfg: RunConfig, out_dir: str | Path, *, quiet: bool = False,
             if base is not None and si == 0:  # continue the base model's counters so curves line up
                 progress.step = base["progress"]["step"]
                 progress.tokens = base["progress"]["tokens"]
+                progress.sequences_done = dict(base["progress"].get("sequences_done", {}))
                 progress.next_eval_tokens = progress.tokens + resolved.eval.every_tokens
                 progress.next_ckpt_tokens = progress.tokens + t.checkpoint_every_tokens
         weights = stage.data
         sampler = data.BatchSampler(
             {n: shards[n] for n in _stage_sources(stage)}, weights, stage.replay, t.seq_len, t.batch_size,
-            stage.tokens, seed=t.seed, rank=rank, world_size=world)
+            stage.tokens, seed=t.seed, rank=rank, world_size=world,
+            start={n: progress.sequences_done.get(n, 0) for n in stage.data})
         if sampler_state is not None:
             sampler.load_state_dict(sampler_state)
             sampler_state = None
@@ -286,6 +291,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, quiet: bool = False,
                 for name, n in sampler.tokens_by_source.items():
                     done[name] = done.get(name, 0) + int(n)
                 progress.tokens_by_source_done = done
+                read = sampler.sequences_by_source
+                progress.sequences_done = {**progress.sequences_done, **{
+                    n: progress.sequences_done.get(n, 0) + read.get(n, 0) for n in stage.data}}
                 progress.stage_index, progress.stage_step = si + 1, 0
                 save(f"stage-{stage.name}", None)
                 break

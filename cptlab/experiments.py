@@ -1,0 +1,294 @@
+"""The paper's experiments as functions that build runs, at a chosen scale.
+
+Every builder returns a list of ``Run`` (a name, a RunConfig and labels that say what the run is). The
+same configuration always gets the same directory, ``<root>/<experiment>/<name>-<config hash>/``, so
+identical runs are shared across experiments and notebooks, finished runs are reused and unfinished
+ones resumed (see ``cptlab.runner``). Continual runs start from the base model's checkpoint
+(``init_from``), which makes the base run a dependency that the runner trains first.
+
+How the scales were chosen (DESIGN.md, "A measured starting point for tiny"):
+- ``smoke``: the smallest model and budgets that exercise every code path in seconds; no science.
+- ``tiny``: 4 layers x 4 heads x 128 dims, BPE vocab 4096, sequences of 128, batches of 32, max LR 3e-3
+  (min 3e-4) with ablations at 1.5e-3 and 6e-3, as measured in DESIGN.md. The D0 base model is trained
+  on B0 = 2M tokens (B0 = 1M was too undertrained: findings broke) and each continual run on B1 tokens;
+  the union baseline sees B0 + B1 tokens mixed in proportion. Replay got within 3% of the union only
+  when B1 approaches B0, hence B1 = 1.5M.
+- ``small``: the same recipe on one GPU, 8 layers x 512 dims, 16x the tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cptlab.config import RunConfig
+
+D0 = "en-man"
+SHIFTS = {"weak": "en-pydoc", "strong": "de-man"}
+CHOSEN_REPLAY = {"weak": 0.05, "strong": 0.25}  # the paper's choice per shift
+REPLAY_FRACTIONS = (0.0, 0.01, 0.05, 0.10, 0.25, 0.50)
+WARMUPS = (0.0, 0.005, 0.01, 0.02)
+LR_FACTORS = (0.5, 1.0, 2.0)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Everything that changes with scale: model, tokenizer, batch, budgets, LRs, evaluation."""
+
+    model: str
+    vocab_size: int
+    seq_len: int
+    batch_size: int
+    base_tokens: int  # B0: pre-training on D0
+    new_tokens: int  # B1: each continual stage (replay included)
+    chunk_tokens: int  # each of the 3 chunks of the infinite-schedule experiment
+    max_lr: float
+    min_lr: float
+    warmup: float = 0.01
+    evals_per_stage: int = 10
+    eval_tokens: int = 32768
+    precision: str = "auto"
+    seeds: tuple[int, ...] = (0,)
+
+    def eval_every(self, stage_tokens: int) -> int:
+        return max(self.seq_len * self.batch_size, stage_tokens // self.evals_per_stage)
+
+
+SCALES: dict[str, Scale] = {
+    "smoke": Scale(model="smoke", vocab_size=1024, seq_len=64, batch_size=8, base_tokens=16384,
+                   new_tokens=8192, chunk_tokens=4096, max_lr=3e-3, min_lr=3e-4, evals_per_stage=4,
+                   eval_tokens=2048),
+    "tiny": Scale(model="tiny", vocab_size=4096, seq_len=128, batch_size=32, base_tokens=2_000_000,
+                  new_tokens=1_500_000, chunk_tokens=500_000, max_lr=3e-3, min_lr=3e-4),
+    "small": Scale(model="small", vocab_size=8192, seq_len=256, batch_size=64, base_tokens=32_000_000,
+                   new_tokens=24_000_000, chunk_tokens=8_000_000, max_lr=1e-3, min_lr=1e-4,
+                   eval_tokens=131072),
+}
+
+
+@dataclass
+class Run:
+    """One training run of an experiment: ``labels`` say what it is (shift, replay, schedule, ...)."""
+
+    experiment: str
+    name: str
+    config: RunConfig
+    labels: dict[str, Any] = field(default_factory=dict)
+    needs: list[Run] = field(default_factory=list)  # runs whose checkpoints this one starts from
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.name}-{self.config.hash()}"
+
+
+def get_scale(scale: str | Scale) -> Scale:
+    if isinstance(scale, Scale):
+        return scale
+    if scale not in SCALES:
+        raise ValueError(f"scale: unknown scale {scale!r}; allowed: {', '.join(SCALES)}")
+    return SCALES[scale]
+
+
+def _schedule(s: Scale, kind: str = "cosine", max_lr: float | None = None, **extra: Any) -> dict[str, Any]:
+    spec = {"kind": kind, "max_lr": s.max_lr if max_lr is None else max_lr, "min_lr": s.min_lr,
+            "warmup": s.warmup}
+    spec.update(extra)
+    return spec
+
+
+def _config(s: Scale, stages: list[dict[str, Any]], eval_sets: list[str], seed: int, device: str,
+            eval_every: int) -> RunConfig:
+    return RunConfig.from_dict({
+        "model": {"preset": s.model},
+        "tokenizer": {"kind": "bpe", "vocab_size": s.vocab_size},
+        "train": {"seq_len": s.seq_len, "batch_size": s.batch_size, "seed": seed, "device": device,
+                  "precision": s.precision, "log_every_steps": 10},
+        "eval": {"sets": eval_sets, "every_tokens": eval_every, "tokens": s.eval_tokens},
+        "stages": stages,
+    })
+
+
+def base_run(scale: str | Scale = "tiny", seed: int = 0, device: str = "auto") -> Run:
+    """The D0 base model: pre-trained on en-man with warmup + cosine. Shared by every continual run."""
+    s = get_scale(scale)
+    stage = {"name": "pretrain", "data": {D0: 1.0}, "tokens": s.base_tokens, "schedule": _schedule(s)}
+    cfg = _config(s, [stage], [D0, *SHIFTS.values()], seed, device, s.eval_every(s.base_tokens))
+    return Run("base", "base", cfg, {"role": "base", "seed": seed, "d0": D0, "compute_tokens": s.base_tokens})
+
+
+def _base_checkpoint(base: Run, root: str) -> str:
+    return str((Path(root) / base.experiment / base.run_id / "checkpoints" / "stage-pretrain.pt").resolve())
+
+
+def continual_run(experiment: str, name: str, shift: str, scale: str | Scale = "tiny", *,
+                  replay: float = 0.0, schedule: dict[str, Any] | None = None, data: str | None = None,
+                  seed: int = 0, device: str = "auto", root: str = "runs", tokens: int | None = None,
+                  labels: dict[str, Any] | None = None) -> Run:
+    """Continue the base model on D1 of ``shift`` (or on ``data``) for B1 tokens with re-warming and
+    re-decaying (``schedule``) and ``replay`` compute-equivalent replay of D0."""
+    s = get_scale(scale)
+    base = base_run(s, seed, device)
+    d1 = data or SHIFTS[shift]
+    n_tokens = tokens or s.new_tokens
+    stage = {"name": "continue", "data": {d1: 1.0}, "tokens": n_tokens,
+             "schedule": schedule or _schedule(s), "init_from": _base_checkpoint(base, root)}
+    if replay > 0:
+        stage["replay"] = {"source": D0, "fraction": replay}
+    cfg = _config(s, [stage], [D0, d1], seed, device, s.eval_every(n_tokens))
+    spec = stage["schedule"]
+    run_labels = {"role": "continual", "shift": shift, "d0": D0, "d1": d1, "replay": replay, "seed": seed,
+                  "schedule": spec["kind"], "max_lr": spec["max_lr"], "warmup": spec.get("warmup", 0.0),
+                  "switch_tokens": s.base_tokens, "compute_tokens": s.base_tokens + n_tokens}
+    run_labels.update(labels or {})
+    return Run(experiment, name, cfg, run_labels, [base])
+
+
+def union_run(shift: str, scale: str | Scale = "tiny", seed: int = 0, device: str = "auto",
+              tokens: int | None = None) -> Run:
+    """From scratch on D0 ∪ D1 with one warmup + cosine, mixing the two in proportion to B0 and B1."""
+    s = get_scale(scale)
+    d1 = SHIFTS[shift]
+    new = s.new_tokens if tokens is None else tokens - s.base_tokens
+    total = s.base_tokens + new
+    stage = {"name": "union", "data": {D0: s.base_tokens / total, d1: new / total}, "tokens": total,
+             "schedule": _schedule(s)}
+    cfg = _config(s, [stage], [D0, d1], seed, device, s.eval_every(total))
+    return Run("union", f"union-{shift}" + (f"-{total}" if tokens else ""), cfg,
+               {"role": "union", "shift": shift, "d0": D0, "d1": d1, "seed": seed, "compute_tokens": total})
+
+
+# -- the experiments -----------------------------------------------------------------------------
+
+def replay_sweep(shift: str, scale: str | Scale = "tiny", seeds: tuple[int, ...] | None = None,
+                 device: str = "auto", root: str = "runs") -> list[Run]:
+    """Table 2: 0/1/5/10/25/50% compute-equivalent replay, plus the union baseline (per seed)."""
+    s = get_scale(scale)
+    runs = []
+    for seed in seeds or s.seeds:
+        for frac in REPLAY_FRACTIONS:
+            runs.append(continual_run("replay", f"{shift}-replay{frac:g}", shift, s, replay=frac, seed=seed,
+                                      device=device, root=root))
+        runs.append(union_run(shift, s, seed, device))
+    return runs
+
+
+def warmup_ablation(shift: str = "weak", scale: str | Scale = "tiny", device: str = "auto",
+                    root: str = "runs") -> list[Run]:
+    """Figure 2: re-warming over 0, 0.5, 1 and 2% of the continual stage (no replay)."""
+    s = get_scale(scale)
+    runs = []
+    for w in WARMUPS:  # the scale's own warmup is the replay sweep's 0% run: shared, not trained twice
+        shared = w == s.warmup
+        experiment, name = ("replay", f"{shift}-replay0") if shared else ("warmup", f"{shift}-warmup{w:g}")
+        runs.append(continual_run(experiment, name, shift, s, schedule=_schedule(s, warmup=w), device=device,
+                                  root=root, labels={"variant": f"warmup {w:.1%}"}))
+    return runs
+
+
+def max_lr_ablation(shift: str, scale: str | Scale = "tiny", device: str = "auto",
+                    root: str = "runs") -> list[Run]:
+    """Figure 3 / the max-LR table: constant LR at min (no re-warming), re-warming without re-decaying,
+    and re-warming + re-decaying at 0.5x, 1x and 2x the max LR (no replay)."""
+    s = get_scale(scale)
+    runs = [continual_run("max_lr", f"{shift}-constant-min", shift, s,
+                          schedule=_schedule(s, "constant", s.min_lr, warmup=0.0), device=device, root=root,
+                          labels={"variant": "constant at min LR"}),
+            continual_run("max_lr", f"{shift}-rewarm-constant", shift, s,
+                          schedule=_schedule(s, "constant"), device=device, root=root,
+                          labels={"variant": "re-warm, no re-decay"})]
+    for f in LR_FACTORS:  # 1x is the replay sweep's 0% run
+        experiment, name = ("replay", f"{shift}-replay0") if f == 1.0 else ("max_lr", f"{shift}-maxlr{f:g}x")
+        runs.append(continual_run(experiment, name, shift, s,
+                                  schedule=_schedule(s, max_lr=s.max_lr * f), device=device, root=root,
+                                  labels={"variant": f"re-warm + re-decay, max {s.max_lr * f:g}"}))
+    return runs
+
+
+def rewarm_same_data(scale: str | Scale = "tiny", device: str = "auto", root: str = "runs") -> list[Run]:
+    """Figure 5: re-warming on D0 itself (new D0 tokens) at 1x and 2x max LR, and a constant-LR control."""
+    s = get_scale(scale)
+    runs = [continual_run("d0_rewarm", "d0-constant-min", "same", s, data=D0, device=device, root=root,
+                          schedule=_schedule(s, "constant", s.min_lr, warmup=0.0),
+                          labels={"variant": "constant at min LR"})]
+    for f in (1.0, 2.0):
+        runs.append(continual_run("d0_rewarm", f"d0-maxlr{f:g}x", "same", s, data=D0, device=device,
+                                  root=root, schedule=_schedule(s, max_lr=s.max_lr * f),
+                                  labels={"variant": f"re-warm to {s.max_lr * f:g}"}))
+    return runs
+
+
+INFINITE_KINDS = ("cosine", "infinite_cosine", "infinite_inv_sqrt", "wsd")
+
+
+def infinite_schedules(scale: str | Scale = "tiny", device: str = "auto", root: str = "runs",
+                       data: str = "en-pydoc", anneal: float = 0.1) -> list[Run]:
+    """Figure 7: from scratch over 3 consecutive chunks of ``data`` (each chunk new tokens of the same
+    corpus). Repeated cosine re-warms and re-decays per chunk; infinite cosine / inverse-sqrt warm up and
+    cool down once then stay at ``const_lr`` across chunks; WSD stays at max. The infinite schedules and
+    WSD get a model at the end of each chunk by annealing (a branch run from the constant phase's
+    checkpoint over the chunk's last ``anneal`` fraction of tokens)."""
+    s = get_scale(scale)
+    n = s.chunk_tokens
+    runs = []
+    const = (s.max_lr + s.min_lr) / 2
+    k_tokens = max(s.seq_len * s.batch_size, int(n * anneal))
+    for kind in INFINITE_KINDS:
+        stages = []
+        for c in range(3):
+            first = c == 0
+            if kind == "cosine":
+                spec = _schedule(s)
+            elif kind == "wsd":
+                spec = _schedule(s, "wsd", warmup=s.warmup if first else 0.0, decay=0.0)
+            else:
+                spec = _schedule(s, kind, warmup=s.warmup if first else 0.0, const_lr=const,
+                                 cooldown=0.6 if first else 0.0, anneal=0.0)
+            if kind == "cosine":
+                parts = [(f"chunk{c + 1}", n, spec)]
+            else:  # split off the chunk's tail: an annealing branch replaces it to get a model
+                head = n - k_tokens  # warmup and cooldown were fractions of the chunk: rescale to the head
+                head_spec = dict(spec, warmup=spec["warmup"] * n / head)
+                if kind != "wsd":
+                    head_spec["cooldown"] = spec["cooldown"] * n / head
+                tail_spec = dict(spec, warmup=0.0, **({} if kind == "wsd" else {"cooldown": 0.0}))
+                parts = [(f"chunk{c + 1}", head, head_spec), (f"chunk{c + 1}-tail", k_tokens, tail_spec)]
+            for name, tokens, sched in parts:
+                stages.append({"name": name, "data": {data: 1.0}, "tokens": tokens, "schedule": sched,
+                               "reset_optimizer": kind == "cosine"})
+        cfg = _config(s, stages, [data, D0], 0, device, s.eval_every(n))
+        main = Run("infinite", f"sched-{kind}", cfg, {"role": "infinite", "schedule": kind, "d1": data,
+                                                      "switch_tokens": [n, 2 * n], "compute_tokens": 3 * n})
+        runs.append(main)
+        if kind == "cosine":
+            continue
+        for c in range(3):  # from the constant phase at (c+1)*n - K, anneal over the chunk's last K tokens
+            start_ckpt = str((Path(root) / "infinite" / main.run_id / "checkpoints"
+                              / f"stage-chunk{c + 1}.pt").resolve())
+            if kind == "wsd":
+                spec = {"kind": "wsd", "max_lr": s.max_lr, "min_lr": s.min_lr, "warmup": 0.0, "decay": 1.0}
+            else:
+                spec = _schedule(s, kind, warmup=0.0, const_lr=const, cooldown=0.0, anneal=1.0)
+            stage = {"name": "anneal", "data": {data: 1.0}, "tokens": k_tokens, "schedule": spec,
+                     "init_from": start_ckpt, "reset_optimizer": False}
+            acfg = _config(s, [stage], [data, D0], 0, device, k_tokens)
+            runs.append(Run("infinite", f"anneal-{kind}-chunk{c + 1}", acfg,
+                            {"role": "anneal", "schedule": kind, "chunk": c + 1, "d1": data,
+                             "compute_tokens": (c + 1) * n}, [main]))
+    return runs
+
+
+def compute_vs_loss(shift: str, scale: str | Scale = "tiny", device: str = "auto",
+                    root: str = "runs") -> list[Run]:
+    """Figure 1: continual + chosen replay (B0 + B1 tokens in all, B0 of them shared with every other
+    continual run) against union baselines from scratch at the same and at larger compute."""
+    s = get_scale(scale)
+    frac = CHOSEN_REPLAY[shift]
+    runs = [continual_run("replay", f"{shift}-replay{frac:g}", shift, s, replay=frac, device=device,
+                          root=root), continual_run("replay", f"{shift}-replay0", shift, s, device=device,
+                                                    root=root)]
+    total = s.base_tokens + s.new_tokens
+    for factor in (1.0, 1.5, 2.0):
+        tokens = int(total * factor) // (s.seq_len * s.batch_size) * s.seq_len * s.batch_size
+        runs.append(union_run(shift, s, tokens=None if factor == 1.0 else tokens, device=device))
+    return runs

@@ -1,0 +1,146 @@
+"""Train a set of runs through the run store: skip finished ones, resume unfinished ones, train the
+runs another depends on first, and use both cores of a laptop by running two single-thread trainings
+side by side (faster in total than one two-thread training of a small model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+
+from cptlab.config import atomic_write_text
+from cptlab.experiments import Run
+
+
+def run_dir(run: Run, root: str | Path = "runs") -> Path:
+    """``<root>/<experiment>/<name>-<config hash>``: the trainer's DIR for this run."""
+    return Path(root) / run.experiment / run.run_id
+
+
+def is_done(run: Run, root: str | Path = "runs") -> bool:
+    return (run_dir(run, root) / "DONE").exists()
+
+
+def _closure(runs: list[Run], root: str | Path) -> list[Run]:
+    """The runs and everything they need, each once (by directory), needs first."""
+    seen: dict[Path, Run] = {}
+
+    def visit(run: Run) -> None:
+        for need in run.needs:
+            visit(need)
+        seen.setdefault(run_dir(run, root), run)
+
+    for run in runs:
+        visit(run)
+    return list(seen.values())
+
+
+def default_workers(device: str = "auto") -> int:
+    """Two side-by-side processes on a CPU with at least two cores, else one."""
+    import torch
+
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available()
+                                 and not torch.backends.mps.is_available())
+    return 2 if on_cpu and (os.cpu_count() or 1) >= 2 else 1
+
+
+def run_all(runs: list[Run], root: str | Path = "runs", workers: int | None = None, quiet: bool = True,
+            log=print) -> dict[str, Path]:
+    """Train every run not finished yet (and the runs they start from); return run_id -> DIR.
+
+    ``workers=1`` trains in this process, one run after another; more trains that many subprocesses
+    side by side, each with one thread and glibc malloc tuned. A failed run is reported and the others
+    go on; an error listing the failed runs is raised at the end."""
+    root = Path(root)
+    todo = _closure(runs, root)
+    dirs = {r.run_id: run_dir(r, root) for r in todo}
+    pending = [r for r in todo if not is_done(r, root)]
+    if workers is None:
+        workers = default_workers(todo[0].config.train.device if todo else "auto")
+    n_total, n_done = len(pending), 0
+    if pending:
+        log(f"[runs] {len(todo) - n_total} of {len(todo)} runs already done; training {n_total} "
+            f"with {workers} worker{'s' * (workers > 1)}")
+    failed: dict[str, str] = {}
+    started = time.perf_counter()
+
+    def ready(run: Run) -> bool:
+        return all(is_done(n, root) for n in run.needs)
+
+    if workers <= 1:
+        from cptlab.train import train
+
+        for run in pending:
+            if not ready(run):
+                failed[run.run_id] = "a run it starts from failed"
+                continue
+            _write_labels(run, root)
+            t0 = time.perf_counter()
+            try:
+                train(run.config, run_dir(run, root), quiet=quiet)
+            except Exception as exc:  # noqa: BLE001 - reported below, the other runs go on
+                failed[run.run_id] = f"{type(exc).__name__}: {exc}"
+                continue
+            n_done += 1
+            log(f"[runs] {n_done}/{n_total} {run.experiment}/{run.name} in {time.perf_counter() - t0:.0f}s")
+    else:
+        running: dict[Future, tuple[Run, float]] = {}
+        waiting = list(pending)
+        with ThreadPoolExecutor(workers) as pool:
+            while waiting or running:
+                for run in [r for r in waiting if ready(r)][: workers - len(running)]:
+                    waiting.remove(run)
+                    _write_labels(run, root)
+                    running[pool.submit(_train_subprocess, run, root)] = (run, time.perf_counter())
+                blocked = [r for r in waiting if any(n.run_id in failed for n in r.needs)]
+                for run in blocked:
+                    waiting.remove(run)
+                    failed[run.run_id] = "a run it starts from failed"
+                if not running:
+                    if waiting:  # nothing can start: a dependency outside this set is not done
+                        for run in waiting:
+                            failed[run.run_id] = "a run it starts from is not done"
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    run, t0 = running.pop(fut)
+                    error = fut.result()
+                    if error:
+                        failed[run.run_id] = error
+                        continue
+                    n_done += 1
+                    log(f"[runs] {n_done}/{n_total} {run.experiment}/{run.name} in "
+                        f"{time.perf_counter() - t0:.0f}s")
+    if pending:
+        log(f"[runs] trained {n_done} runs in {time.perf_counter() - started:.0f}s")
+    if failed:
+        lines = "\n".join(f"  {rid}: {why}" for rid, why in failed.items())
+        raise RuntimeError(f"{len(failed)} runs failed:\n{lines}")
+    return dirs
+
+
+def _write_labels(run: Run, root: Path) -> None:
+    path = run_dir(run, root) / "labels.json"
+    if not path.exists():
+        labels = {"experiment": run.experiment, "name": run.name, **run.labels}
+        atomic_write_text(path, json.dumps(labels, indent=2, sort_keys=True) + "\n")
+
+
+def _train_subprocess(run: Run, root: Path) -> str | None:
+    """Run ``python -m cptlab train`` on one thread with malloc tuned; None on success, else the error."""
+    from cptlab import runtime
+
+    out = run_dir(run, root)
+    config = out / "run.yaml"
+    run.config.save(config)
+    env = runtime.malloc_subprocess_env(dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+    cmd = [sys.executable, "-m", "cptlab", "train", str(config), "--out", str(out), "--quiet"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        return f"exit {proc.returncode}: {tail}"
+    return None
