@@ -1,8 +1,15 @@
-"""Shared fixtures. Tests run offline: Hugging Face libraries must never touch the network."""
+"""Shared set-up. Tests run offline (Hugging Face libraries never touch the network), and write
+nothing outside temporary folders: the token cache and the run store of the whole session (notebooks
+under nbmake included: their kernels inherit this environment) live in one temporary folder."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+_session = tempfile.mkdtemp(prefix="cptlab-tests-")
+os.environ.setdefault("CPTLAB_CACHE", os.path.join(_session, "cache"))
+os.environ.setdefault("CPTLAB_RUNS", os.path.join(_session, "runs"))

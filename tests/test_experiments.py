@@ -1,0 +1,79 @@
+"""Experiment builders and the runner: valid configs, shared runs, caching by config hash."""
+
+from __future__ import annotations
+
+import pytest
+
+from cptlab import experiments as E
+from cptlab import runner, store
+from cptlab.corpus import SHIPPED
+
+
+def all_runs(scale: str, root: str) -> list[E.Run]:
+    runs = []
+    for shift in E.SHIFTS:
+        runs += E.replay_sweep(shift, scale, root=root) + E.max_lr_ablation(shift, scale, root=root)
+        runs += E.compute_vs_loss(shift, scale, root=root)
+    return runs + E.warmup_ablation("weak", scale, root=root) + E.rewarm_same_data(scale, root=root) \
+        + E.infinite_schedules(scale, root=root)
+
+
+@pytest.mark.parametrize("scale", list(E.SCALES))
+def test_every_run_of_every_scale_validates(scale, tmp_path):
+    for run in all_runs(scale, str(tmp_path)):
+        run.config.validate(SHIPPED)
+
+
+def test_shared_runs_share_a_directory(tmp_path):
+    root = str(tmp_path)
+    sweep = {r.run_id: r for r in E.replay_sweep("weak", "smoke", root=root)}
+    warm = E.warmup_ablation("weak", "smoke", root=root)
+    lr = E.max_lr_ablation("weak", "smoke", root=root)
+    one_percent = [r for r in warm if r.labels["warmup"] == 0.01][0]
+    one_x = [r for r in lr if r.labels["max_lr"] == E.SCALES["smoke"].max_lr
+             and r.labels["schedule"] == "cosine"]
+    assert one_percent.run_id in sweep and one_x[0].run_id in sweep
+    assert runner.run_dir(one_percent, root) == runner.run_dir(sweep[one_percent.run_id], root)
+    assert len({r.run_id for r in warm}) == 4
+
+
+def test_any_change_makes_a_new_hash(tmp_path):
+    a = E.continual_run("replay", "x", "weak", "smoke", replay=0.05, root=str(tmp_path))
+    b = E.continual_run("replay", "x", "weak", "smoke", replay=0.10, root=str(tmp_path))
+    c = E.continual_run("replay", "x", "weak", "smoke", replay=0.05, root=str(tmp_path / "other"))
+    assert a.run_id == E.continual_run("replay", "x", "weak", "smoke", replay=0.05, root=str(tmp_path)).run_id
+    assert len({a.run_id, b.run_id, c.run_id}) == 3  # the base checkpoint's path is part of the config
+
+
+def test_unknown_scale_is_named():
+    with pytest.raises(ValueError, match="scale: unknown scale 'huge'; allowed: smoke, tiny, small"):
+        E.base_run("huge")
+
+
+def test_runner_trains_needs_first_then_reuses_everything(tmp_path):
+    root = tmp_path / "runs"
+    runs = [E.continual_run("replay", "weak-replay0.25", "weak", "smoke", replay=0.25, root=str(root))]
+    logs: list[str] = []
+    dirs = runner.run_all(runs, root, workers=1, log=logs.append)
+    assert len(dirs) == 2 and all((d / "DONE").exists() for d in dirs.values())
+    assert "training 2" in logs[0]
+    logs.clear()
+    runner.run_all(runs, root, workers=1, log=logs.append)
+    assert logs == []  # nothing to do: no line, no training
+    df = store.load_runs(runs, root)
+    assert set(df["name"]) == {"weak-replay0.25"} and df["tokens"].iloc[0] == E.SCALES["smoke"].base_tokens
+    everything = store.load_experiment(root)
+    assert set(everything["experiment"]) == {"base", "replay"}
+    assert {"val_en-man", "val_en-pydoc", "replay", "shift", "run_id"} <= set(everything.columns)
+
+
+@pytest.mark.slow
+def test_runner_side_by_side_subprocesses_match_in_process(tmp_path):
+    runs = E.replay_sweep("strong", "smoke", root=str(tmp_path / "a"))[:2]
+    runner.run_all(runs, tmp_path / "a", workers=1, log=lambda s: None)
+    runs_b = E.replay_sweep("strong", "smoke", root=str(tmp_path / "b"))[:2]
+    runner.run_all(runs_b, tmp_path / "b", workers=2, log=lambda s: None)
+    a = store.load_runs(runs, tmp_path / "a")
+    b = store.load_runs(runs_b, tmp_path / "b")
+    assert len(a) == len(b) > 0
+    assert a["val_en-man"].tolist() == pytest.approx(b["val_en-man"].tolist(), abs=2e-2)
