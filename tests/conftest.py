@@ -2,7 +2,9 @@
 nothing outside temporary folders: the token cache and the run store of the whole session (notebooks
 under nbmake included: their kernels inherit this environment) live in one temporary folder."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -11,5 +13,6 @@ os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 _session = tempfile.mkdtemp(prefix="cptlab-tests-")
+atexit.register(shutil.rmtree, _session, True)
 os.environ.setdefault("CPTLAB_CACHE", os.path.join(_session, "cache"))
 os.environ.setdefault("CPTLAB_RUNS", os.path.join(_session, "runs"))
