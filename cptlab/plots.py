@@ -1,12 +1,24 @@
 """Figures of the lab, one function per paper figure, each returning a matplotlib ``Figure``.
 
-Figure functions:
-    plot_schedules   LR against tokens for one or more multi-stage schedules (paper figure 6)
+Figure functions (PAPER.md, "Figures worth regenerating at small scale"):
+    1  plot_compute_vs_loss   compute vs average final loss: continual + replay vs union baselines
+    2  plot_warmup            D0 and D1 loss vs tokens for each re-warming length
+    3  plot_max_lr            D0 and D1 loss vs tokens: constant LR, re-warm, re-warm + re-decay, union
+    4  plot_replay_curves     D0 and D1 loss vs tokens for each replay fraction of one shift
+       plot_replay_table      final D0, D1 and average loss vs replay fraction (Table 2 as a figure)
+    5  plot_rewarm_same_data  D0 loss vs tokens when re-warming on D0 itself
+    6  plot_schedules         LR against tokens for one or more multi-stage schedules
+       plot_paper_schedules   the paper's schedules over 3 stages: repeated cosine vs infinite / WSD
+    7  plot_infinite          loss vs tokens over 3 chunks: repeated cosine vs infinite schedules
+    -  plot_forgetting        D0 and D1 loss vs tokens: no replay, replay, union baseline
+
+Figure 6 is drawn from schedules and lives here; the others are drawn from runs (the frames that
+``cptlab.store.load_runs`` returns) and live in ``cptlab.figures``, re-exported here.
 
 Figures are built with ``matplotlib.figure.Figure`` (not pyplot), so nothing is kept in pyplot's
 global state and nothing pops up on its own; show one in a notebook by making it a cell's last
-value, or save it with ``fig.savefig(path)``. Every function takes ``ax=None`` to draw into an
-existing axes instead.
+value, or save it with ``fig.savefig(path)``. Every function takes ``ax=None`` (``axes=None`` for
+several panels) to draw into existing axes instead.
 """
 
 from __future__ import annotations
@@ -20,6 +32,20 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from cptlab import schedules as sched
+from cptlab.figures import (
+    plot_compute_vs_loss,
+    plot_forgetting,
+    plot_infinite,
+    plot_max_lr,
+    plot_replay_curves,
+    plot_replay_table,
+    plot_rewarm_same_data,
+    plot_warmup,
+)
+
+__all__ = ["format_tokens", "schedule_curve", "plot_schedules", "plot_paper_schedules",
+           "plot_compute_vs_loss", "plot_warmup", "plot_max_lr", "plot_replay_curves", "plot_replay_table",
+           "plot_rewarm_same_data", "plot_infinite", "plot_forgetting"]
 
 StagePlan = Sequence[tuple[Any, int]]
 
@@ -79,4 +105,32 @@ def plot_schedules(schedules: Mapping[str, StagePlan],
         ax.set_title(title)
     if schedules:
         ax.legend(fontsize="small")
+    return fig
+
+
+def plot_paper_schedules(n_stages: int = 3, stage_tokens: float = 100e9, steps_per_stage: int = 1000,
+                         anneal: float = 0.1, axes: Sequence[Axes] | None = None,
+                         title: str | None = None) -> Figure:
+    """The paper's 405M schedules (``schedules.PAPER_405M``) over ``n_stages`` stages of ``stage_tokens``
+    each, in two panels: repeated cosine against infinite cosine and inverse-sqrt (annealing over the
+    last stage's final ``anneal`` fraction), and repeated cosine against WSD."""
+    if axes is None:
+        fig = Figure(figsize=(12.0, 4.0), layout="constrained")
+        axes = fig.subplots(1, 2)
+    else:
+        fig = axes[0].figure
+    paper = sched.PAPER_405M
+
+    def plan(spec: Mapping[str, Any]) -> list[tuple[dict[str, Any], int]]:
+        return sched.multi_stage(spec, n_stages, steps_per_stage)
+
+    infinite = {"repeated cosine": plan(paper["cosine"]),
+                "infinite cosine": plan(dict(paper["infinite_cosine"], anneal=anneal)),
+                "infinite inv-sqrt": plan(dict(paper["infinite_inv_sqrt"], anneal=anneal))}
+    wsd = {"repeated cosine": plan(paper["cosine"]), "WSD (1-sqrt decay)": plan(paper["wsd"])}
+    tokens_per_step = stage_tokens / steps_per_stage
+    plot_schedules(infinite, tokens_per_step, ax=axes[0], title="infinite schedules")
+    plot_schedules(wsd, tokens_per_step, ax=axes[1], title="warmup-stable-decay")
+    fig.suptitle(title or f"Schedules over {n_stages} stages of {format_tokens(stage_tokens)} tokens "
+                 "(paper, 405M)")
     return fig
