@@ -24,6 +24,7 @@ several panels) to draw into existing axes instead.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,7 @@ from cptlab.figures import (
     plot_warmup,
 )
 
-__all__ = ["format_tokens", "schedule_curve", "plot_schedules", "plot_paper_schedules",
+__all__ = ["format_tokens", "save_figure", "schedule_curve", "plot_schedules", "plot_paper_schedules",
            "plot_compute_vs_loss", "plot_warmup", "plot_max_lr", "plot_replay_curves", "plot_replay_table",
            "plot_rewarm_same_data", "plot_infinite", "plot_forgetting"]
 
@@ -134,3 +135,11 @@ def plot_paper_schedules(n_stages: int = 3, stage_tokens: float = 100e9, steps_p
     fig.suptitle(title or f"Schedules over {n_stages} stages of {format_tokens(stage_tokens)} tokens "
                  "(paper, 405M)")
     return fig
+
+
+def save_figure(fig: Figure, out_dir: str | Path, name: str, dpi: int = 110) -> Path:
+    """Save ``fig`` as ``out_dir/<name>.png`` (folders created) and return the path."""
+    path = Path(out_dir) / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path

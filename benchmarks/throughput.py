@@ -1,0 +1,340 @@
+"""Training throughput: this machine's matmul peak, the lab's training step, a plain GPT-2 reference.
+
+    .venv/bin/python benchmarks/throughput.py [--n-layer 4 --n-head 4 --d-model 256 --seq-len 256
+        --batch-size 16 --vocab-size 512] [--precision auto|fp32|bf16] [--steps N] [--threads N]
+        [--malloc tuned|asis] [--compile] [--reference-attention sdpa|manual] [--json]
+
+1. Matmul peak: best of a few large square matmuls, fp32 and bf16 (GFLOP/s).
+2. The lab's step, as ``cptlab train`` runs it: ``cptlab.sampler.BatchSampler`` over random tokens, the
+   LR from ``cptlab.schedules``, then ``cptlab.runtime.train_step`` (GPT-NeoX model, loss, backward,
+   clip, fused AdamW) at the chosen precision.
+3. A plain fp32 GPT-2-style step of the same size (written below: learned positions, sequential
+   residual, tied embeddings, SDPA or manual softmax attention, stock AdamW, clip, ``loss.item()``).
+
+The two steps alternate in rounds, so that a machine shared with other work slows both alike; each
+figure is the fastest step (and the median). FLOPs per token use the PaLM convention (see
+``GPT.flops_per_token``); MFU is achieved FLOP/s over the measured peak of the precision used.
+Prints figures; never fails on timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cptlab import runtime
+from cptlab.config import ModelConfig, ScheduleConfig, TrainConfig
+from cptlab.model import GPT
+
+# -- 1. matmul peak --------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, sizes: tuple[int, ...] = (1024, 2048),
+                repeats: int = 6) -> float:
+    """Best FLOP/s of square ``n x n`` matmuls over ``sizes`` and ``repeats``."""
+    if device.type == "cuda":
+        sizes = tuple(4 * n for n in sizes)
+    best = 0.0
+    for n in sizes:
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        c = torch.empty(n, n, dtype=dtype, device=device)
+        torch.mm(a, b, out=c)  # warm-up
+        sync(device)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=c)
+            sync(device)
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def update_peak(peak: dict[str, float], device: torch.device, **kw) -> None:
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        peak[name] = max(peak.get(name, 0.0), matmul_peak(dtype, device, **kw))
+
+
+# -- 3. the reference: a minimal GPT-2 -------------------------------------------------------------
+
+
+class RefAttention(nn.Module):
+    def __init__(self, d: int, n_head: int, manual: bool) -> None:
+        super().__init__()
+        self.n_head, self.manual = n_head, manual
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.c_attn(x).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))
+        if self.manual:
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+            mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            y = att @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(b, t, d))
+
+
+class RefBlock(nn.Module):
+    def __init__(self, d: int, n_head: int, manual: bool) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d)
+        self.attn = RefAttention(d, n_head, manual)
+        self.ln_2 = nn.LayerNorm(d)
+        self.c_fc = nn.Linear(d, 4 * d)
+        self.c_proj = nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.c_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+
+class RefGPT(nn.Module):
+    """GPT-2: token + learned position embeddings, sequential pre-LN blocks, tied output head."""
+
+    def __init__(self, n_layer: int, n_head: int, d: int, n_ctx: int, vocab: int, manual: bool) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(n_ctx, d)
+        self.h = nn.ModuleList([RefBlock(d, n_head, manual) for _ in range(n_layer)])
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+        for p in self.parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.size(1), device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.h:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Same convention as ``GPT.flops_per_token``: 6 x matmul parameters + attention."""
+        n_layer, d = len(self.h), self.ln_f.weight.numel()
+        n_matmul = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()  # wte = head
+        return 6 * n_matmul + 12 * n_layer * d * seq_len
+
+
+# -- measurement -----------------------------------------------------------------------------------
+
+
+class Timer:
+    """Wall time and minor page faults of each call."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.faults: list[int] = []
+
+    def __call__(self, fn) -> None:
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0 = time.perf_counter()
+        fn()
+        self.times.append(time.perf_counter() - t0)
+        self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+
+    def best(self) -> float:
+        return min(self.times)
+
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def lab_step_fn(args: argparse.Namespace, precision: str, device: torch.device):
+    """The lab's step (sampler + schedule + train_step) as a closure; plus the model and a note."""
+    cfg = ModelConfig(preset=None, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
+                      n_ctx=args.seq_len, vocab_size=args.vocab_size)
+    model = GPT(cfg).to(device)
+    train_cfg = TrainConfig(seq_len=args.seq_len, batch_size=args.batch_size, precision=precision)
+    optimizer = runtime.make_optimizer(model, train_cfg)
+    step_model = torch.compile(model) if args.compile else model
+    autocast = runtime.autocast_context(device, precision)
+    total_steps = 10_000
+    tokens = np.random.default_rng(0).integers(0, args.vocab_size, size=4_000_000, dtype=np.uint16)
+    try:
+        from cptlab.sampler import BatchSampler
+
+        sampler = BatchSampler({"random": tokens}, {"random": 1.0}, None, args.seq_len, args.batch_size,
+                               total_steps * args.batch_size * args.seq_len, seed=0)
+        next_batch = sampler.next_batch
+        note = "batches from cptlab.sampler.BatchSampler over random tokens"
+    except (ImportError, TypeError, ValueError) as exc:
+        gen = torch.Generator().manual_seed(0)
+
+        def next_batch():
+            xy = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1), generator=gen)
+            return xy[:, :-1], xy[:, 1:]
+
+        note = f"random batches (cptlab BatchSampler not usable: {exc!r})"
+    try:
+        from cptlab import schedules
+
+        spec = ScheduleConfig(kind="cosine", max_lr=3e-4, min_lr=3e-5).to_spec()
+        lr_at = schedules.build(spec, total_steps)
+    except (ImportError, AttributeError, ValueError):
+        def lr_at(step: int) -> float:
+            return 3e-5 + 1.35e-4 * (1 + math.cos(math.pi * step / total_steps))
+    state = {"step": 0, "loss": float("nan"), "sample_s": 0.0}
+
+    def step() -> None:
+        t0 = time.perf_counter()
+        x, y = next_batch()
+        lr = lr_at(state["step"])
+        state["sample_s"] += time.perf_counter() - t0
+        state["loss"] = runtime.train_step(step_model, optimizer, [(x.to(device), y.to(device))], lr,
+                                           train_cfg.grad_clip, autocast, workers=args.workers)
+        state["step"] += 1
+
+    return step, model, note, state
+
+
+def ref_step_fn(args: argparse.Namespace, device: torch.device):
+    model = RefGPT(args.n_layer, args.n_head, args.d_model, args.seq_len, args.vocab_size,
+                   manual=args.reference_attention == "manual").to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=3e-4, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(1)
+    state = {"loss": float("nan")}
+
+    def step() -> None:
+        xy = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1), generator=gen)
+        x, y = xy[:, :-1].to(device), xy[:, 1:].to(device)
+        loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["loss"] = loss.item()
+        sync(device)
+
+    return step, model, state
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
+    p.add_argument("--steps", type=int, default=32, help="timed steps of each kind (after 3 warm-up)")
+    p.add_argument("--rounds", type=int, default=8, help="alternations of lab and reference steps")
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
+    p.add_argument("--malloc", default="tuned", choices=("tuned", "asis"),
+                   help="tuned: glibc malloc tuned in-process (runtime.tune_malloc); asis: as launched")
+    p.add_argument("--workers", type=int, default=None,
+                   help="threads train_step splits each batch across; default: runtime.step_workers")
+    p.add_argument("--compile", action="store_true", help="torch.compile the lab's model")
+    p.add_argument("--reference-attention", default="sdpa", choices=("sdpa", "manual"))
+    p.add_argument("--no-reference", action="store_true", help="skip the reference step")
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of a report")
+    args = p.parse_args(argv)
+
+    malloc_tuned = runtime.tune_malloc() if args.malloc == "tuned" else False
+    runtime.set_threads(args.threads)
+    device = runtime.pick_device(args.device)
+    precision = runtime.pick_precision(args.precision, device)
+    say = (lambda *a: None) if args.json else print
+    say(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, precision "
+        f"{precision}, malloc {'tuned' if malloc_tuned else 'as launched'}, cpu capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, bf16 native: {runtime.cpu_supports_bf16()}")
+
+    peak: dict[str, float] = {}
+    update_peak(peak, device)
+    say(f"matmul peak: fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s "
+        "(sampled again between rounds; the best is kept)")
+
+    torch.manual_seed(0)
+    lab_step, model, note, lab_state = lab_step_fn(args, precision, device)
+    x_probe = torch.zeros(args.batch_size, args.seq_len, dtype=torch.long, device=device)
+    workers = args.workers if args.workers is not None else runtime.step_workers(model, [(x_probe, x_probe)])
+    say(f"lab model: {model.num_params():,} parameters; {note}; train_step workers: {workers}")
+    t0 = time.perf_counter()
+    for _ in range(3):
+        lab_step()
+    say(f"lab warm-up (3 steps{', compile' if args.compile else ''}): {time.perf_counter() - t0:.1f} s")
+    timers = {"lab": Timer()}
+    steps = {"lab": lab_step}
+    if not args.no_reference:
+        ref_step, ref_model, ref_state = ref_step_fn(args, device)
+        for _ in range(3):
+            ref_step()
+        timers["ref"], steps["ref"] = Timer(), ref_step
+    per_round = max(1, args.steps // args.rounds)
+    lab_state["sample_s"] = 0.0
+    for _ in range(args.rounds):
+        for name in steps:
+            for _ in range(per_round):
+                timers[name](steps[name])
+        update_peak(peak, device, sizes=(2048,), repeats=2)  # a shared machine slows any one sample
+    update_peak(peak, device)
+
+    tokens = args.batch_size * args.seq_len
+    fpt = model.flops_per_token(args.seq_len)
+    lab = timers["lab"]
+    out = {
+        "tokens_per_s": tokens / lab.best(), "tokens_per_s_median": tokens / lab.median(),
+        "flops_per_token": fpt, "precision": precision, "threads": torch.get_num_threads(),
+        "malloc_tuned": malloc_tuned, "compile": args.compile, "workers": workers,
+        "sampler_ms_per_step": 1e3 * lab_state["sample_s"] / len(timers["lab"].times),
+        "peak_flops": peak[precision], "peak_flops_fp32": peak["fp32"], "peak_flops_bf16": peak["bf16"],
+        "minor_faults_per_step": statistics.median(lab.faults), "final_loss": lab_state["loss"],
+        "dims": {k: getattr(args, k) for k in ("n_layer", "n_head", "d_model", "seq_len", "batch_size",
+                                               "vocab_size")},
+    }
+    out["flops_per_s"] = out["tokens_per_s"] * fpt
+    out["mfu"] = out["flops_per_s"] / peak[precision]
+    out["mfu_bf16_peak"] = out["flops_per_s"] / peak["bf16"]
+    say(f"\nlab step ({precision}): {out['tokens_per_s']:,.0f} tokens/s best, "
+        f"{out['tokens_per_s_median']:,.0f} median ({len(lab.times)} steps)")
+    say(f"  FLOPs/token {fpt / 1e6:.2f} M; achieved {out['flops_per_s'] / 1e9:.1f} GFLOP/s; MFU "
+        f"{out['mfu']:.1%} of the {precision} peak ({out['mfu_bf16_peak']:.1%} of the bf16 peak)")
+    share = out["sampler_ms_per_step"] / 1e3 / lab.median()
+    say(f"  minor page faults per step: {out['minor_faults_per_step']:.0f}; batch sampling + LR: "
+        f"{out['sampler_ms_per_step']:.2f} ms per step ({share:.1%} of the median step)")
+    if "ref" in timers:
+        ref = timers["ref"]
+        out["reference_tokens_per_s"] = tokens / ref.best()
+        out["reference_tokens_per_s_median"] = tokens / ref.median()
+        out["reference_flops_per_token"] = ref_model.flops_per_token(args.seq_len)
+        out["reference_minor_faults_per_step"] = statistics.median(ref.faults)
+        out["speedup"] = out["tokens_per_s"] / out["reference_tokens_per_s"]
+        out["speedup_median"] = out["tokens_per_s_median"] / out["reference_tokens_per_s_median"]
+        ref_fps = out["reference_tokens_per_s"] * out["reference_flops_per_token"]
+        say(f"reference GPT-2 step (fp32, {args.reference_attention} attention): "
+            f"{out['reference_tokens_per_s']:,.0f} tokens/s best, "
+            f"{out['reference_tokens_per_s_median']:,.0f} median; "
+            f"{ref_fps / 1e9:.1f} GFLOP/s, MFU {ref_fps / peak['fp32']:.1%} of the fp32 peak; "
+            f"minor page faults per step: {out['reference_minor_faults_per_step']:.0f}")
+        say(f"speed-up over the reference: {out['speedup']:.2f}x best, {out['speedup_median']:.2f}x median")
+    if args.json:
+        print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
