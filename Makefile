@@ -33,7 +33,7 @@ reproduce: install
 	$(VENV)/bin/cptlab batch --scale $(SCALE) --out $(OUT)
 
 lab: install
-	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --no-browser --notebook-dir notebooks \
+	CPTLAB_RUNS=$(CURDIR)/runs $(VENV)/bin/jupyter lab --ip 127.0.0.1 --no-browser --notebook-dir notebooks \
 		$$( [ "$$(id -u)" = 0 ] && echo --allow-root )
 
 bench: install

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,10 @@ def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device
     returns 0 when all succeeded, 1 otherwise."""
     import papermill
 
+    from cptlab.store import runs_root
+
+    # The kernels run in notebooks/: give them (and the report) the run store as an absolute path.
+    os.environ["CPTLAB_RUNS"] = str(runs_root())
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     paths = [Path(p) for p in notebooks] if notebooks else sorted(NOTEBOOK_DIR.glob("[0-9]*.ipynb"))
@@ -57,6 +62,13 @@ def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device
             print(f"[batch] {name}: {status} in {time.perf_counter() - start:.1f}s", flush=True)
     print(f"[batch] {len(failed)} failed of the notebooks run, {time.perf_counter() - total_start:.0f}s "
           f"in all; executed notebooks in {out}", flush=True)
+    try:  # the findings judged on the runs the notebooks trained, with links to their figures
+        from cptlab.report import write_report
+
+        write_report(out, scale=scale, device=device, log=lambda line: print(line, flush=True))
+    except Exception as exc:  # noqa: BLE001 - reported; the notebooks' results are kept
+        failed.append("report")
+        print(f"[batch] report: FAILED ({type(exc).__name__}: {exc})", flush=True)
     if failed:
         print(f"[batch] failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

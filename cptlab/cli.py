@@ -1,4 +1,4 @@
-"""Command line: ``cptlab train | batch | corpora`` (also ``python -m cptlab ...``)."""
+"""Command line: ``cptlab train | batch | report | corpora`` (also ``python -m cptlab ...``)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,13 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     return run_batch(args.notebooks, scale=args.scale, device=args.device, out=args.out, params=params)
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from cptlab.report import write_report
+
+    write_report(args.dir, scale=args.scale, runs=args.runs, device=args.device)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cptlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="extra notebook parameter")
     p.set_defaults(func=_cmd_batch)
+
+    p = sub.add_parser("report", help="judge the paper's findings on a scale's runs; write DIR/REPORT.md")
+    p.add_argument("dir", help="output directory (the batch's --out); figures are linked from under it")
+    p.add_argument("--scale", default="tiny")
+    p.add_argument("--runs", default=None, help="run store root (default: $CPTLAB_RUNS or ./runs)")
+    p.add_argument("--device", default="auto", help="device the runs were built for (part of their config)")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -257,8 +257,9 @@ def infinite_schedules(scale: str | Scale = "tiny", device: str = "auto", root: 
                 stages.append({"name": name, "data": {data: 1.0}, "tokens": tokens, "schedule": sched,
                                "reset_optimizer": kind == "cosine"})
         cfg = _config(s, stages, [data, D0], 0, device, s.eval_every(n))
-        main = Run("infinite", f"sched-{kind}", cfg, {"role": "infinite", "schedule": kind, "d1": data,
-                                                      "switch_tokens": [n, 2 * n], "compute_tokens": 3 * n})
+        labels = {"role": "infinite", "schedule": kind, "d0": D0, "d1": data, "switch_tokens": [n, 2 * n],
+                  "compute_tokens": 3 * n}
+        main = Run("infinite", f"sched-{kind}", cfg, labels)
         runs.append(main)
         if kind == "cosine":
             continue
@@ -273,7 +274,7 @@ def infinite_schedules(scale: str | Scale = "tiny", device: str = "auto", root: 
                      "init_from": start_ckpt, "reset_optimizer": False}
             acfg = _config(s, [stage], [data, D0], 0, device, k_tokens)
             runs.append(Run("infinite", f"anneal-{kind}-chunk{c + 1}", acfg,
-                            {"role": "anneal", "schedule": kind, "chunk": c + 1, "d1": data,
+                            {"role": "anneal", "schedule": kind, "chunk": c + 1, "d0": D0, "d1": data,
                              "compute_tokens": (c + 1) * n}, [main]))
     return runs
 

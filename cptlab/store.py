@@ -218,3 +218,9 @@ def load_runs(runs: list, root: str | Path = "runs"):
         if len(df):
             frames.append(df)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def runs_root() -> Path:
+    """The run store's root: ``$CPTLAB_RUNS``, else ``runs``, as an absolute path (relative ones are taken
+    from the current directory)."""
+    return Path(os.environ.get("CPTLAB_RUNS", "runs")).resolve()
