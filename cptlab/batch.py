@@ -20,7 +20,7 @@ def notebook_parameters(path: Path) -> dict[str, Any]:
             source = "".join(cell["source"])
             values: dict[str, Any] = {}
             exec(compile(source, str(path), "exec"), {}, values)  # the cell holds plain assignments
-            return values
+            return {k: v for k, v in values.items() if isinstance(v, (str, int, float, bool))}
     return {}
 
 

@@ -50,6 +50,7 @@ class Scale:
     eval_tokens: int = 32768
     precision: str = "auto"
     seeds: tuple[int, ...] = (0,)
+    union_factors: tuple[float, ...] = (1.5, 2.0)  # extra union baselines at more compute (figure 1)
 
     def eval_every(self, stage_tokens: int) -> int:
         return max(self.seq_len * self.batch_size, stage_tokens // self.evals_per_stage)
@@ -60,7 +61,8 @@ SCALES: dict[str, Scale] = {
                    new_tokens=8192, chunk_tokens=4096, max_lr=3e-3, min_lr=3e-4, evals_per_stage=4,
                    eval_tokens=2048),
     "tiny": Scale(model="tiny", vocab_size=4096, seq_len=128, batch_size=32, base_tokens=2_000_000,
-                  new_tokens=1_500_000, chunk_tokens=500_000, max_lr=3e-3, min_lr=3e-4),
+                  new_tokens=750_000, chunk_tokens=300_000, max_lr=3e-3, min_lr=3e-4, evals_per_stage=8,
+                  eval_tokens=16384, union_factors=()),
     "small": Scale(model="small", vocab_size=8192, seq_len=256, batch_size=64, base_tokens=32_000_000,
                    new_tokens=24_000_000, chunk_tokens=8_000_000, max_lr=1e-3, min_lr=1e-4,
                    eval_tokens=131072),
@@ -289,7 +291,7 @@ def compute_vs_loss(shift: str, scale: str | Scale = "tiny", device: str = "auto
                           root=root), continual_run("replay", f"{shift}-replay0", shift, s, device=device,
                                                     root=root)]
     total = s.base_tokens + s.new_tokens
-    for factor in (1.0, 1.5, 2.0):
+    for factor in (1.0, *s.union_factors):
         tokens = int(total * factor) // (s.seq_len * s.batch_size) * s.seq_len * s.batch_size
         runs.append(union_run(shift, s, tokens=None if factor == 1.0 else tokens, device=device))
     return runs
