@@ -25,10 +25,14 @@ def notebook_parameters(path: Path) -> dict[str, Any]:
 
 
 def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device: str = "auto",
-              out: str | Path = "runs/batch", params: dict[str, Any] | None = None) -> int:
+              out: str | Path = "runs/batch", params: dict[str, Any] | None = None,
+              prefetch: bool = True) -> int:
     """Run each notebook (all in ``notebooks/`` by default) into ``out``; a notebook that takes
     ``shift`` runs once per shift. A failing notebook is saved with its error and the rest still run;
-    returns 0 when all succeeded, 1 otherwise."""
+    returns 0 when all succeeded, 1 otherwise.
+
+    With every notebook and ``prefetch``, the runs of all experiments are trained first in one go, so
+    the CPU's cores stay busy across notebooks; the notebooks then find their runs in the store."""
     import papermill
 
     from cptlab.store import runs_root
@@ -40,6 +44,8 @@ def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device
     paths = [Path(p) for p in notebooks] if notebooks else sorted(NOTEBOOK_DIR.glob("[0-9]*.ipynb"))
     failed = []
     total_start = time.perf_counter()
+    if not notebooks and prefetch:
+        failed += _prefetch(scale, device)
     for path in paths:
         defaults = notebook_parameters(path)
         shifts = ["weak", "strong"] if "shift" in defaults and "shift" not in (params or {}) else [None]
@@ -72,3 +78,24 @@ def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device
     if failed:
         print(f"[batch] failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _prefetch(scale: str, device: str) -> list[str]:
+    """Train every experiment's runs of ``scale`` side by side; the failed ones' names (else [])."""
+    from cptlab import runner
+    from cptlab.experiments import SCALES
+    from cptlab.report import experiment_runs
+    from cptlab.store import runs_root
+
+    if scale not in SCALES:
+        return []
+    runs = [r for group in experiment_runs(scale, runs_root(), device).values() for r in group]
+    start = time.perf_counter()
+    print(f"[batch] training the runs of every experiment at scale {scale} ...", flush=True)
+    try:
+        runner.run_all(runs, runs_root(), log=lambda line: print(line, flush=True))
+    except RuntimeError as exc:
+        print(f"[batch] runs: FAILED ({exc})", flush=True)
+        return ["runs"]
+    print(f"[batch] runs done in {time.perf_counter() - start:.0f}s", flush=True)
+    return []

@@ -52,9 +52,9 @@ def run_all(runs: list[Run], root: str | Path = "runs", workers: int | None = No
             log=print) -> dict[str, Path]:
     """Train every run not finished yet (and the runs they start from); return run_id -> DIR.
 
-    ``workers=1`` trains in this process, one run after another; more trains in subprocesses with glibc
-    malloc tuned, sharing ``workers`` threads among them (up to ``workers`` runs side by side). A failed
-    run is reported and the others go on; an error listing the failed runs is raised at the end."""
+    ``workers=1`` trains in this process, one run after another; more trains up to ``workers`` runs side
+    by side in subprocesses, each on one thread with glibc malloc tuned. A failed run is reported and the
+    others go on; an error listing the failed runs is raised at the end."""
     root = Path(root)
     todo = _closure(runs, root)
     dirs = {r.run_id: run_dir(r, root) for r in todo}
@@ -88,30 +88,27 @@ def run_all(runs: list[Run], root: str | Path = "runs", workers: int | None = No
             n_done += 1
             log(f"[runs] {n_done}/{n_total} {run.experiment}/{run.name} in {time.perf_counter() - t0:.0f}s")
     else:
-        # Cores are shared out among the runs that can start: two ready runs get one thread each, a run
-        # that is alone gets both; a running run keeps its threads (never more threads than cores).
-        running: dict[Future, tuple[Run, float, int]] = {}
+        # One thread per run, `workers` runs side by side: two single-thread trainings of a small model
+        # beat one two-thread training, and one thread per core stays fast when the machine is busy
+        # (OpenMP threads that wait for a core that is taken slow a step down many times).
+        running: dict[Future, tuple[Run, float]] = {}
         waiting = list(pending)
         with ThreadPoolExecutor(workers) as pool:
             while waiting or running:
                 for run in [r for r in waiting if any(n.run_id in failed for n in r.needs)]:
                     waiting.remove(run)
                     failed[run.run_id] = "a run it starts from failed"
-                free = workers - sum(th for _, _, th in running.values())
-                startable = [r for r in waiting if ready(r)][:free]
-                for run in startable:
-                    threads = free // len(startable)
+                for run in [r for r in waiting if ready(r)][: workers - len(running)]:
                     waiting.remove(run)
                     _write_labels(run, root)
-                    fut = pool.submit(_train_subprocess, run, root, threads)
-                    running[fut] = (run, time.perf_counter(), threads)
+                    running[pool.submit(_train_subprocess, run, root)] = (run, time.perf_counter())
                 if not running:
                     for run in waiting:  # nothing can start: a run they start from is not done
                         failed[run.run_id] = "a run it starts from is not done"
                     break
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    run, t0, _ = running.pop(fut)
+                    run, t0 = running.pop(fut)
                     error = fut.result()
                     if error:
                         failed[run.run_id] = error
@@ -134,16 +131,15 @@ def _write_labels(run: Run, root: Path) -> None:
         atomic_write_text(path, json.dumps(labels, indent=2, sort_keys=True) + "\n")
 
 
-def _train_subprocess(run: Run, root: Path, threads: int = 1) -> str | None:
-    """Run ``python -m cptlab train`` on ``threads`` threads with glibc malloc tuned; None on success,
-    else the error."""
+def _train_subprocess(run: Run, root: Path) -> str | None:
+    """Run ``python -m cptlab train`` on one thread with glibc malloc tuned; None on success, else the
+    error."""
     from cptlab import runtime
 
     out = run_dir(run, root)
     config = out / "run.yaml"
     run.config.save(config)
-    env = runtime.malloc_subprocess_env(dict(os.environ, OMP_NUM_THREADS=str(threads),
-                                             MKL_NUM_THREADS=str(threads)))
+    env = runtime.malloc_subprocess_env(dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
     cmd = [sys.executable, "-m", "cptlab", "train", str(config), "--out", str(out), "--quiet"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
