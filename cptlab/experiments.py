@@ -10,9 +10,11 @@ How the scales were chosen (DESIGN.md, "A measured starting point for tiny"):
 - ``smoke``: the smallest model and budgets that exercise every code path in seconds; no science.
 - ``tiny``: 4 layers x 4 heads x 128 dims, BPE vocab 4096, sequences of 128, batches of 32, max LR 3e-3
   (min 3e-4) with ablations at 1.5e-3 and 6e-3, as measured in DESIGN.md. The D0 base model is trained
-  on B0 = 2M tokens (B0 = 1M was too undertrained: findings broke) and each continual run on B1 tokens;
-  the union baseline sees B0 + B1 tokens mixed in proportion. Replay got within 3% of the union only
-  when B1 approaches B0, hence B1 = 1.5M.
+  on B0 = 2M tokens (B0 = 1M was too undertrained: findings broke there) and each continual run on
+  B1 = 0.75M tokens, the budget DESIGN.md found every direction at; the union baseline sees B0 + B1
+  tokens mixed in proportion. Evaluation: 8 times a stage on 16k tokens per set (evaluating was a
+  quarter of the cost at 10 x 64k). The whole reproduction is ~30M training tokens, sized for
+  `make reproduce` on a 2-core CPU (two single-thread runs side by side).
 - ``small``: the same recipe on one GPU, 8 layers x 512 dims, 16x the tokens.
 """
 
