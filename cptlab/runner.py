@@ -78,7 +78,7 @@ def run_all(runs: list[Run], root: str | Path = "runs", workers: int | None = No
             if not ready(run):
                 failed[run.run_id] = "a run it starts from failed"
                 continue
-            _write_labels(run, root)
+            write_labels(run, root)
             t0 = time.perf_counter()
             try:
                 train(run.config, run_dir(run, root), quiet=quiet)
@@ -100,7 +100,7 @@ def run_all(runs: list[Run], root: str | Path = "runs", workers: int | None = No
                     failed[run.run_id] = "a run it starts from failed"
                 for run in [r for r in waiting if ready(r)][: workers - len(running)]:
                     waiting.remove(run)
-                    _write_labels(run, root)
+                    write_labels(run, root)
                     running[pool.submit(_train_subprocess, run, root)] = (run, time.perf_counter())
                 if not running:
                     for run in waiting:  # nothing can start: a run they start from is not done
@@ -124,7 +124,8 @@ def run_all(runs: list[Run], root: str | Path = "runs", workers: int | None = No
     return dirs
 
 
-def _write_labels(run: Run, root: Path) -> None:
+def write_labels(run: Run, root: Path) -> None:
+    """Write ``labels.json`` (experiment, name and the builder's labels) into the run's directory once."""
     path = run_dir(run, root) / "labels.json"
     if not path.exists():
         labels = {"experiment": run.experiment, "name": run.name, **run.labels}

@@ -4,6 +4,8 @@ library imports this module.
 Widgets:
     ScheduleExplorer   move a learning-rate schedule's parameters and see it over several stages,
                        overlaid with other kinds or with pinned schedules
+    RunLauncher        train a continual run in the background with live forgetting curves; stop, resume
+    ResultsBrowser     overlay stored runs' curves and their final-loss table (both in cptlab.launcher)
 
 Each widget is a plain class holding its controls; display it as a cell's last value (it shows
 ``self.widget``). Its state is readable without a front end (for tests): the figure it draws is
@@ -31,8 +33,10 @@ StagePlan = list[tuple[dict[str, Any], int]]
 # -- helpers ---------------------------------------------------------------------------------------
 
 def _log_slider(description: str, value: float, lo: int, hi: int, fmt: str = ".2e") -> W.FloatLogSlider:
+    # continuous_update=False: the front end would otherwise send back, when it draws the slider, the value
+    # snapped to its grid of exponents (3e-4 -> 10**-3.52 = 3.02e-4); now only a user's move sets a value
     return W.FloatLogSlider(value=value, base=10, min=lo, max=hi, step=0.01, description=description,
-                            readout_format=fmt, style={"description_width": "8em"})
+                            readout_format=fmt, style={"description_width": "8em"}, continuous_update=False)
 
 
 def _percent_slider(description: str, value: float, hi: float = 100.0, step: float = 0.5) -> W.FloatSlider:
@@ -212,3 +216,12 @@ class ScheduleExplorer:
         self.status.value = (f"{self.n_stages.value} stages of {self.tokens_per_stage.value:.3g} tokens; "
                              f"{self.kind.value} ends at lr {final:.3g}")
         self.image.value = _png(self.figure)
+
+
+def __getattr__(name: str) -> Any:
+    """``RunLauncher`` and ``ResultsBrowser`` live in ``cptlab.launcher`` (which builds on this module)."""
+    if name in ("RunLauncher", "ResultsBrowser"):
+        from cptlab import launcher
+
+        return getattr(launcher, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,197 @@
+"""RunLauncher and ResultsBrowser through their state: set controls, click, wait for the thread, read the
+figure's data and the table. Everything trains at the smoke scale in the session's run store."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cptlab import experiments as E
+from cptlab import metrics as M
+from cptlab import runner, store
+from cptlab import schedules as S
+from cptlab.train import train
+from cptlab.widgets import ResultsBrowser, RunLauncher
+
+SHIFT = "strong"
+
+
+@pytest.fixture(scope="module")
+def root():
+    """The session's run store with the smoke base model, the strong shift's 0% and 25% replay runs and
+    its union baseline (shared with the notebooks under nbmake, which reuse them)."""
+    path = store.runs_root()
+    sweep = E.replay_sweep(SHIFT, "smoke", root=str(path))
+    runs = [r for r in sweep if r.labels.get("replay") in (0.0, 0.25) or r.labels["role"] == "union"]
+    runner.run_all(runs, path, workers=1, log=lambda _: None)
+    return path
+
+
+def _metrics(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def _comparable(records):
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+
+def launcher(root, **controls) -> RunLauncher:
+    la = RunLauncher(scale="smoke", root=root)
+    with la.schedule.hold():
+        for name, value in controls.items():
+            control = getattr(la, name, None) or getattr(la.schedule, name)
+            control.value = value
+    return la
+
+
+def test_constructing_and_displaying_trains_nothing(tmp_path):
+    la = RunLauncher(scale="smoke", root=tmp_path)
+    assert "application/vnd.jupyter.widget-view+json" in la._repr_mimebundle_()
+    assert la.thread is None and not any(tmp_path.iterdir())
+    assert "new: Train trains it (after the base model" in la.status.value
+    # the schedule preview is the continual stage's exact LR per step, before anything trains
+    s = E.SCALES["smoke"]
+    n_steps = s.new_tokens // (s.seq_len * s.batch_size)
+    def planned() -> list[float]:
+        lr_at = S.build(la.run().config.stages[0].schedule.to_spec(), n_steps)
+        return [lr_at(t) for t in range(n_steps)]
+
+    x, y = la.schedule.lr_curve()
+    np.testing.assert_allclose(y, planned(), rtol=1e-12)
+    assert x[1] == s.seq_len * s.batch_size and y.max() == pytest.approx(s.max_lr, rel=0.01)
+    before = la.schedule.image.value
+    la.schedule.max_lr.value = 1e-2
+    x, y = la.schedule.lr_curve()
+    np.testing.assert_allclose(y, planned(), rtol=1e-12)
+    assert y.max() == pytest.approx(1e-2, rel=0.01) and la.schedule.image.value != before
+    assert la.run().config.stages[0].schedule.max_lr == pytest.approx(1e-2)
+
+
+def test_a_stored_run_of_the_same_config_is_loaded_not_trained(root):
+    la = launcher(root, replay=25.0)
+    run = la.run()
+    assert (run.experiment, run.name) == ("replay", f"{SHIFT}-replay0.25")
+    assert "Train loads it" in la.status.value
+    la.train_button.click()
+    assert la.thread is None and "already trained" in la.status.value
+    evals = [r for r in _metrics(runner.run_dir(run, root)) if "val" in r]
+    x, y = la.curves()["D0"]
+    np.testing.assert_array_equal(x, [r["tokens"] for r in evals])
+    np.testing.assert_array_equal(y, [r["val"][E.D0] for r in evals])
+    assert la.progress.value == 1.0 and len(la.curves()["base D0"][0]) > 0
+
+
+def test_train_draws_every_evaluation_live(root):
+    la = launcher(root, replay=10.0)
+    run = la.run()
+    assert run.experiment == "launcher" and not runner.is_done(run, root)
+    seen = []  # the number of D0 points plotted when each evaluation line arrives
+    la.listeners.append(lambda rec: seen.append(len(la.curves()["D0"][0])) if "val" in rec else None)
+    la.train_button.click()
+    assert la.thread is not None and la.stop_button.disabled is False
+    assert la.wait(300), "the run did not finish"
+    assert la.error is None, la.error
+    assert la.result.status == "done" and runner.is_done(run, root)
+    lines = _metrics(runner.run_dir(run, root))
+    evals = [r for r in lines if "val" in r]
+    assert seen == list(range(1, len(evals) + 1))
+    curves = la.curves()
+    d1 = E.SHIFTS[SHIFT]
+    np.testing.assert_array_equal(curves["D0"][0], [r["tokens"] for r in evals])
+    np.testing.assert_array_equal(curves["D0"][1], [r["val"][E.D0] for r in evals])
+    np.testing.assert_array_equal(curves["D1"][1], [r["val"][d1] for r in evals])
+    np.testing.assert_array_equal(curves["lr"][1], [r["lr"] for r in lines])
+    assert la.progress.value == 1.0 and "tokens/s" in la.progress_text.value
+    assert "done" in la.status.value and la.stop_button.disabled and not la.train_button.disabled
+    labels = json.loads((runner.run_dir(run, root) / "labels.json").read_text())
+    assert labels["experiment"] == "launcher" and labels["replay"] == 0.1
+
+
+def test_stop_then_train_resumes_to_the_uninterrupted_result(root, tmp_path):
+    la = launcher(root, replay=0.0, kind="wsd")
+    run = la.run()
+    la.listeners.append(lambda rec: la.stop_button.click() if len(la.records) == 3 else None)
+    la.train_button.click()
+    assert la.wait(300)
+    assert la.error is None, la.error
+    assert la.result.status == "stopped" and "Train resumes" in la.status.value
+    path = runner.run_dir(run, root)
+    assert not (path / "DONE").exists() and list((path / "checkpoints").glob("step-*.pt"))
+    la.listeners.clear()
+    la.train_button.click()
+    assert la.wait(300)
+    assert la.error is None, la.error
+    assert la.result.status == "done"
+    assert train(run.config, tmp_path / "uninterrupted", quiet=True).status == "done"
+    resumed, reference = _metrics(path), _metrics(tmp_path / "uninterrupted")
+    assert _comparable(resumed) == _comparable(reference)
+    evals = [r for r in reference if "val" in r]
+    np.testing.assert_array_equal(la.curves()["D0"][1], [r["val"][E.D0] for r in evals])
+
+
+def test_bad_values_show_in_the_status_and_train_nothing(root):
+    la = launcher(root)
+    la.schedule.min_lr.value = 1e-1  # above max LR
+    assert la.error is not None and "min_lr" in la.status.value
+    la.train_button.click()
+    assert la.thread is None and "min_lr" in la.status.value and "color:#b00" in la.status.value
+    with pytest.raises(ValueError, match="min_lr"):
+        la.run()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_failed_run_shows_its_error(root):
+    la = launcher(root, device="cuda")
+    la.train_button.click()
+    assert la.wait(300)
+    assert "CUDA is not available" in la.error and "CUDA is not available" in la.status.value
+    assert not la.train_button.disabled
+
+
+def test_results_browser_overlays_runs_with_references(root):
+    sweep = E.replay_sweep(SHIFT, "smoke", root=str(root))
+    chosen = [r for r in sweep if r.labels.get("replay") in (0.0, 0.25)]
+    base, union = E.base_run("smoke"), next(r for r in sweep if r.labels["role"] == "union")
+    br = ResultsBrowser(root, experiment="replay", shift=SHIFT)
+    assert "application/vnd.jupyter.widget-view+json" in br._repr_mimebundle_()
+    ids = [f"{r.experiment}/{r.run_id}" for r in chosen]
+    assert set(ids) <= {rid for _, rid in br.runs.options}
+    br.runs.value = tuple(ids)
+    curves = br.curves()
+    names = [r.name for r in chosen]
+    assert set(curves["D0"]) == {*names, "base model", "union baseline"}
+    d1 = E.SHIFTS[SHIFT]
+    for run in chosen:
+        df = store.eval_frame(runner.run_dir(run, root)).sort_values("tokens")
+        x, y = curves["D0"][run.name]
+        np.testing.assert_array_equal(x, df["tokens"])
+        np.testing.assert_allclose(y, df[f"val_{E.D0}"])
+        np.testing.assert_allclose(curves["D1"][run.name][1], df[f"val_{d1}"])
+        np.testing.assert_allclose(curves["avg"][run.name][1], (df[f"val_{E.D0}"] + df[f"val_{d1}"]) / 2)
+    base_df = store.eval_frame(runner.run_dir(base, root)).sort_values("tokens")
+    np.testing.assert_allclose(curves["D1"]["base model"][1], base_df[f"val_{d1}"])
+
+    expected = M.add_forgetting(M.final_losses(store.load_runs([base, union, *chosen], root)))
+    table = br.finals.set_index("name")
+    assert set(table.index) == {*names, "base", union.name}
+    for _, row in expected.iterrows():
+        assert table.loc[row["name"], "D0"] == pytest.approx(row["D0"])
+        if row["role"] != "base":
+            assert table.loc[row["name"], "avg"] == pytest.approx(row["avg"])
+            assert table.loc[row["name"], "forgetting"] == pytest.approx(row["forgetting"])
+    assert table.loc["base", "D1"] == pytest.approx(base_df[f"val_{d1}"].tail(M.K_FINAL).mean())
+    assert table.loc[f"{SHIFT}-replay0.25", "replay"] == "25%" and "<table" in br.table.value
+
+    br.references.value = False
+    assert set(br.curves()["D0"]) == set(names) and set(br.finals["name"]) == set(names)
+    br.runs.value = ids[:1]
+    assert set(br.curves()["D0"]) == {names[0]} and len(br.finals) == 1
+    picked = ResultsBrowser(root, experiment="replay", shift=SHIFT, select=names[1:])
+    assert picked.runs.value == tuple(ids[1:]) and picked.references.value
+    assert set(picked.curves()["D0"]) == {names[1], "base model", "union baseline"}
+
+
+def test_results_browser_on_an_empty_store(tmp_path):
+    br = ResultsBrowser(tmp_path)
+    assert br.runs.options == () and "no runs" in br.status.value and br.finals.empty
