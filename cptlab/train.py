@@ -61,6 +61,8 @@ class _Progress:
     sequences_done: dict[str, int] = field(default_factory=dict)  # new data read by finished stages
     next_eval_tokens: int = 0
     next_ckpt_tokens: int = 0
+    window_loss: float = 0.0  # train loss summed since the last training line
+    window_steps: int = 0
 
 
 def _setup_distributed() -> tuple[int, int]:
@@ -240,7 +242,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, quiet: bool = False,
             bar = tqdm(total=n_steps * batch_tokens, initial=progress.stage_step * batch_tokens,
                        desc=f"[{si + 1}/{len(resolved.stages)}] {stage.name}", unit="tok", unit_scale=True,
                        leave=True, dynamic_ncols=True)
-        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        window_start, window_start_steps = time.perf_counter(), progress.window_steps
         while progress.stage_step < n_steps:
             if stop is not None and stop():
                 save(f"step-{progress.step:09d}", sampler)
@@ -262,8 +264,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, quiet: bool = False,
             progress.stage_step += 1
             progress.step += 1
             progress.tokens += batch_tokens
-            window_loss += loss
-            window_steps += 1
+            progress.window_loss += loss
+            progress.window_steps += 1
             if bar is not None:
                 bar.update(batch_tokens)
             last = progress.stage_step == n_steps
@@ -272,13 +274,15 @@ def train(cfg: RunConfig, out_dir: str | Path, *, quiet: bool = False,
                 by_source = dict(progress.tokens_by_source_done)
                 for name, n in sampler.tokens_by_source.items():
                     by_source[name] = by_source.get(name, 0) + int(n)
-                mean_loss = window_loss / window_steps
+                mean_loss = progress.window_loss / progress.window_steps
                 log({"step": progress.step, "tokens": progress.tokens, "stage": stage.name, "lr": lr,
                      "train_loss": mean_loss, "tokens_by_source": by_source,
-                     "tokens_per_s": window_steps * batch_tokens / max(elapsed, 1e-9)})
+                     "tokens_per_s": (progress.window_steps - window_start_steps) * batch_tokens
+                     / max(elapsed, 1e-9)})
                 if bar is not None:
                     bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", refresh=False)
-                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+                progress.window_loss, progress.window_steps = 0.0, 0
+                window_start, window_start_steps = time.perf_counter(), 0
             due_eval = resolved.eval.every_tokens and progress.tokens >= progress.next_eval_tokens
             if val_sets and (due_eval or last):
                 last_val = evaluate(model, val_sets, t.seq_len, micro, device, autocast)

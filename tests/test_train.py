@@ -158,6 +158,14 @@ def test_a_different_config_is_refused(reference, corpus_dir):
         train(RunConfig.from_dict(other), reference, quiet=True)
 
 
+def test_stop_inside_a_logging_window_resumes_exactly(corpus_dir, tmp_path, reference):
+    cfg = RunConfig.from_dict(small_config(corpus_dir))
+    stops = iter([False] * 7 + [True])  # stop before step 8: mid-window (a training line every 2 steps)
+    assert train(cfg, tmp_path, quiet=True, stop=lambda: next(stops, False)).status == "stopped"
+    assert train(cfg, tmp_path, quiet=True).status == "done"
+    assert _comparable(_read(tmp_path)) == _comparable(_read(reference))
+
+
 def test_corrupt_checkpoint_is_named_and_skipped(corpus_dir, tmp_path, reference):
     cfg = RunConfig.from_dict(small_config(corpus_dir))
     stops = iter([False] * 7 + [True])
