@@ -5,6 +5,13 @@ A user corpus is registered by name in a run config's ``corpora`` mapping:
 ``{tables: {path: "dump/*.parquet"}}`` or ``{web: {hf: org/name, config: en, split: train}}``.
 Every corpus becomes a ``datasets.Dataset`` with one ``text`` column, one row per document.
 The deterministic train/validation split by document lives here too (``split_mask``).
+
+A corpus too large to load whole is streamed: ``{web: {hf: org/name, streaming: true, max_tokens: 3.0e11}}``
+(``path`` corpora stream too). It is then read document by document, in the dataset's own order, by the
+shard builder only (``Registry.stream``; ``cptlab.shards`` tokenises it incrementally, resumably, up to
+``max_tokens`` training tokens). Its validation split is drawn by document hash as it streams
+(``stream_is_val``): ``val_fraction`` of the documents (default ``STREAM_VAL_FRACTION``) until the
+split holds ``STREAM_VAL_MAX_TOKENS`` tokens.
 """
 
 from __future__ import annotations
@@ -45,8 +52,13 @@ VAL_FRACTION = 0.05
 VAL_MIN_CHARS = 400_000
 VAL_MAX_SHARE = 0.10
 
+# Streamed corpora: a document is a validation document while the validation split holds fewer than
+# STREAM_VAL_MAX_TOKENS tokens, if its doc_key falls in the lowest val_fraction of the key range.
+STREAM_VAL_FRACTION = 0.002
+STREAM_VAL_MAX_TOKENS = 1 << 24
+
 USER_KEYS = ("path", "text_field", "sample_by", "hf", "config", "split", "revision",
-             "language", "domain", "description")
+             "language", "domain", "description", "streaming", "max_tokens", "val_fraction")
 FILE_KINDS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SAMPLE_BY = ("document", "paragraph", "line")
 
@@ -106,7 +118,26 @@ class Registry:
         sample_by = spec.get("sample_by", "document")
         if sample_by not in SAMPLE_BY:
             raise DataError(f"{where}.sample_by: {sample_by!r} not allowed; allowed: {', '.join(SAMPLE_BY)}")
-        self._specs[name] = dict(spec)
+        spec = dict(spec)
+        streaming = spec.get("streaming", False)
+        if not isinstance(streaming, bool):
+            raise DataError(f"{where}.streaming: expected true or false, got {streaming!r}")
+        for key in ("max_tokens", "val_fraction"):
+            if key in spec and not streaming:
+                raise DataError(f"{where}.{key}: only applies to a streamed corpus (add streaming: true)")
+        if "max_tokens" in spec:
+            value = _number(spec["max_tokens"])
+            if value is None or value < 1:
+                raise DataError(f"{where}.max_tokens: expected a number of tokens >= 1, "
+                                f"got {spec['max_tokens']!r}")
+            spec["max_tokens"] = int(value)
+        if "val_fraction" in spec:
+            value = _number(spec["val_fraction"])
+            if value is None or not 0 < value <= 0.5:
+                raise DataError(f"{where}.val_fraction: expected a number in (0, 0.5], "
+                                f"got {spec['val_fraction']!r}")
+            spec["val_fraction"] = value
+        self._specs[name] = spec
         kinds = {"hub"}
         if "path" in spec:
             self._files[name] = _resolve_files(where, spec["path"])
@@ -125,6 +156,17 @@ class Registry:
 
     def __contains__(self, name: object) -> bool:
         return name in self._specs
+
+    def is_streamed(self, name: str) -> bool:
+        """True for a corpus read as a stream (``streaming: true``): see ``stream``."""
+        self.check(name)
+        return bool(self._specs[name].get("streaming", False))
+
+    def stream_limits(self, name: str) -> tuple[int | None, float]:
+        """(``max_tokens``, ``val_fraction``) of a streamed corpus; ``max_tokens`` None: no budget."""
+        self.check(name)
+        spec = self._specs[name]
+        return spec.get("max_tokens"), float(spec.get("val_fraction", STREAM_VAL_FRACTION))
 
     def info(self, name: str) -> dict[str, str]:
         """language, domain, description and source of a corpus."""
@@ -160,6 +202,9 @@ class Registry:
         spec = self._specs[name]
         hf_cache = str(cache_root(cache_dir or self.cache_dir) / "hf-datasets")
         where = f"corpora.{name}"
+        if spec.get("streaming"):
+            raise DataError(f"{where}: a streamed corpus is never loaded whole; its documents are read by "
+                            "the shard builder (cptlab.data.token_shard) through Registry.stream")
         if name in SHIPPED:
             ds = Dataset.from_dict({"text": read_shipped(_shipped_path(name))})
         elif "hf" in spec:
@@ -175,6 +220,19 @@ class Registry:
 
     def _load_files(self, name: str, spec: dict[str, Any], hf_cache: str):
         where = f"corpora.{name}"
+        kind, data_files, extra = self._file_args(name, spec)
+        if kind == "text":
+            ds = _load_dataset("text", data_files=data_files, split="train", cache_dir=hf_cache, **extra)
+            if extra["sample_by"] == "document":  # a file may hold several documents, as the shipped ones do
+                ds = ds.map(_split_separators, batched=True, desc=f"splitting documents of {name}")
+            return ds
+        ds = _load_dataset(kind, data_files=data_files, split="train", cache_dir=hf_cache, **extra)
+        return _text_column(ds, where, spec.get("text_field") or "text", _shown_files(spec, data_files))
+
+    def _file_args(self, name: str, spec: dict[str, Any]) -> tuple[str, list[str], dict[str, Any]]:
+        """(builder, data files, extra ``load_dataset`` arguments) of a ``path`` corpus; counts and warns
+        about invalid UTF-8 on the way."""
+        where = f"corpora.{name}"
         files = self._files[name]
         kinds = {FILE_KINDS[f.suffix.lower()] for f in files}
         if len(kinds) > 1:
@@ -188,28 +246,97 @@ class Registry:
                 n = count_invalid_utf8(f)
                 if n:
                     warnings.warn(f"{where}: {f} holds {n} invalid UTF-8 sequence(s); "
-                                  "each was replaced with U+FFFD", stacklevel=3)
+                                  "each was replaced with U+FFFD", stacklevel=4)
                 bad += n
         self.invalid_utf8[name] = bad
         if kind == "text":
             sample_by = spec.get("sample_by", "document")
-            ds = _load_dataset("text", data_files=data_files, split="train", sample_by=sample_by,
-                               encoding_errors="replace", cache_dir=hf_cache)
-            if sample_by == "document":  # a file may hold several documents, as the shipped ones do
-                ds = ds.map(_split_separators, batched=True, desc=f"splitting documents of {name}")
-            return ds
-        if kind == "json":
+            return kind, data_files, dict(sample_by=sample_by, encoding_errors="replace")
+        if kind == "json" and bad:
             # datasets re-decodes (with encoding_errors) only when the encoding is not spelt "utf-8";
             # "utf_8" is the same codec under another spelling.
-            extra = dict(encoding="utf_8", encoding_errors="replace") if bad else {}
-            ds = _load_dataset("json", data_files=data_files, split="train", cache_dir=hf_cache, **extra)
-        else:
-            ds = _load_dataset("parquet", data_files=data_files, split="train", cache_dir=hf_cache)
-        shown = data_files[0] if len(data_files) == 1 else f"{len(data_files)} files ({spec['path']})"
-        return _text_column(ds, where, spec.get("text_field") or "text", shown)
+            return kind, data_files, dict(encoding="utf_8", encoding_errors="replace")
+        return kind, data_files, {}
+
+    def stream(self, name: str) -> DocumentStream:
+        """The documents of a streamed corpus, read lazily in the dataset's own order (nothing is
+        downloaded or held whole): ``datasets.load_dataset(..., streaming=True)``."""
+        self.check(name)
+        spec = self._specs[name]
+        where = f"corpora.{name}"
+        if not spec.get("streaming"):
+            raise DataError(f"{where}: not a streamed corpus (add streaming: true to read it as a stream)")
+        field = spec.get("text_field") or "text"
+        if "hf" in spec:
+            ds = _load_dataset(spec["hf"], spec.get("config"), split=spec.get("split") or "train",
+                               revision=spec.get("revision"), streaming=True)
+            return DocumentStream(ds, field, where, spec["hf"])
+        kind, data_files, extra = self._file_args(name, spec)
+        ds = _load_dataset(kind, data_files=data_files, split="train", streaming=True, **extra)
+        if kind == "text":
+            return DocumentStream(ds, "text", where, _shown_files(spec, data_files),
+                                  split_separators=extra["sample_by"] == "document")
+        return DocumentStream(ds, field, where, _shown_files(spec, data_files))
+
+
+class DocumentStream:
+    """The documents of a streamed corpus: iterating yields, for each example of the dataset in order,
+    the list of its non-empty documents (one, or several for a text file read by document).
+
+    Resumable: ``state_dict()`` taken between two examples, given to ``load_state_dict`` of a fresh
+    stream of the same corpus before iterating, continues with the next example.
+    """
+
+    def __init__(self, dataset: Any, field: str, where: str, shown: str, split_separators: bool = False):
+        self.dataset = dataset  # a datasets.IterableDataset
+        self.field = field
+        self.where = where
+        self.shown = shown
+        self.split_separators = split_separators
+        names = getattr(dataset, "column_names", None)
+        if names is not None and field not in names:
+            raise DataError(f"{where}.text_field: {shown} has no field {field!r}; "
+                            f"its fields: {', '.join(names)}")
+
+    def __iter__(self):
+        for example in self.dataset:
+            if self.field not in example:
+                raise DataError(f"{self.where}.text_field: {self.shown} has no field {self.field!r}; "
+                                f"its fields: {', '.join(example)}")
+            text = example[self.field]
+            if text is None:
+                yield []
+                continue
+            if not isinstance(text, str):
+                raise DataError(f"{self.where}.text_field: field {self.field!r} of {self.shown} is not text "
+                                f"(it is {type(text).__name__})")
+            docs = text.split(SEPARATOR) if self.split_separators else [text]
+            yield [d for d in docs if d.strip()]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dataset.load_state_dict(state)
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+def _number(value: Any) -> float | None:
+    """A finite number from an int, a float or a numeric string (YAML reads ``3.0e11`` as a string)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value
+
+
+def _shown_files(spec: dict[str, Any], data_files: list[str]) -> str:
+    return data_files[0] if len(data_files) == 1 else f"{len(data_files)} files ({spec['path']})"
+
 
 def _shipped_path(name: str) -> Path:
     path = CORPORA_DIR / f"{name}.txt.xz"
@@ -309,6 +436,14 @@ def doc_key(text: str) -> int:
     """A 63-bit hash of a document's text (fits int64), the same on every machine (unlike ``hash()``)."""
     digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1
+
+
+def stream_is_val(key: int, val_tokens: int, val_fraction: float = STREAM_VAL_FRACTION) -> bool:
+    """Whether a streamed document (its ``doc_key``) goes to validation, given the validation tokens
+    taken so far: its key lies in the lowest ``val_fraction`` of the key range and the split holds fewer
+    than ``STREAM_VAL_MAX_TOKENS`` tokens. Decided document by document in stream order, so the split
+    of a prefix of the stream is the prefix of the split."""
+    return val_tokens < STREAM_VAL_MAX_TOKENS and key < val_fraction * 2**63
 
 
 def split_mask(keys: Sequence[int] | np.ndarray, chars: Sequence[int] | np.ndarray) -> np.ndarray:

@@ -3,6 +3,15 @@
 Layout under the cache folder: ``shards/<corpus>/<key>/{train.bin, val.bin, meta.json}`` where ``key``
 hashes the corpus source and the tokenizer fingerprint. Documents are separated (and ended) by the
 tokenizer's end-of-text token. ``meta.json`` is written last: a folder without it is not a shard.
+
+A streamed corpus (``streaming: true``, see ``cptlab.corpus``) is tokenised as it streams: batches of
+documents are appended to ``.stream/{train,val}.bin`` in the shard folder and, every
+``STREAM_FLUSH_TOKENS`` tokens, the files are synced and ``.stream/progress.json`` records their lengths,
+the counters and the stream's position (``IterableDataset.state_dict``). A build that is interrupted
+resumes from its last record (the files are cut back to the recorded lengths and the stream continues
+after the last recorded example), so the finished shard is byte-identical to an uninterrupted build. It
+stops at the document that brings the training split to the corpus's ``max_tokens``. When it is done the
+files move into place, ``meta.json`` is written and ``.stream/`` is removed.
 """
 
 from __future__ import annotations
@@ -22,12 +31,15 @@ from typing import Any, TextIO
 import numpy as np
 
 from cptlab.config import TokenizerConfig, atomic_write_text
-from cptlab.corpus import DataError, Registry, cache_root, doc_key, split_mask
+from cptlab.corpus import DataError, Registry, cache_root, doc_key, split_mask, stream_is_val
 from cptlab.tokenizer import Tokenizer, load_tokenizer
 
 SHARD_VERSION = 1
 SPLITS = ("train", "val")
 PARALLEL_BYTES = 64 << 20  # tokenise with several processes above this much text
+STREAM_VERSION = 1
+STREAM_BATCH_DOCS = 1024  # documents of a streamed corpus tokenised at a time
+STREAM_FLUSH_TOKENS = 1 << 24  # a streamed build records its progress after about this many tokens
 
 
 def token_shard(name: str, split: str, tokenizer: Tokenizer, registry: Registry | None = None,
@@ -105,6 +117,8 @@ def _encode(batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, list]:
 def _build(name: str, tokenizer: Tokenizer, registry: Registry, folder: Path, cache_dir) -> dict[str, Any]:
     from datasets import Features, List, Value
 
+    if registry.is_streamed(name):
+        return _build_streamed(name, tokenizer, registry, folder)
     start = time.perf_counter()
     docs = registry.documents(name, cache_dir)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
@@ -155,6 +169,127 @@ def _build(name: str, tokenizer: Tokenizer, registry: Registry, folder: Path, ca
         return meta
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- streamed corpora ----------------------------------------------------------------------------
+
+def _build_streamed(name: str, tokenizer: Tokenizer, registry: Registry, folder: Path) -> dict[str, Any]:
+    """Tokenise a streamed corpus into ``folder`` incrementally, resuming an interrupted build (see the
+    module docstring)."""
+    start = time.perf_counter()
+    max_tokens, val_fraction = registry.stream_limits(name)
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
+    work = folder / ".stream"
+    work.mkdir(exist_ok=True)
+    if (work / "progress.json").exists():
+        for split in SPLITS:  # killed while moving the finished files into place: move them back
+            if not (work / f"{split}.bin").exists() and (folder / f"{split}.bin").exists():
+                os.replace(folder / f"{split}.bin", work / f"{split}.bin")
+    fresh = dict(version=STREAM_VERSION, dtype=dtype.name, tokenizer=tokenizer.fingerprint,
+                 tokens={s: 0 for s in SPLITS}, documents={s: 0 for s in SPLITS},
+                 characters={s: 0 for s in SPLITS}, budget_reached=False, finished=False, stream_state=None,
+                 seconds=0.0)
+    progress = _read_progress(work, fresh) or fresh
+    files = {}
+    since = start
+
+    def record(state: dict[str, Any] | None) -> None:
+        """Make the appended tokens durable, then record how far the build got."""
+        nonlocal since
+        for f in files.values():
+            f.flush()
+            os.fsync(f.fileno())
+        progress["stream_state"] = state
+        progress["seconds"] += time.perf_counter() - since
+        since = time.perf_counter()
+        atomic_write_text(work / "progress.json", json.dumps(progress))
+
+    try:
+        for split in SPLITS:  # cut back whatever was written after the last progress record
+            files[split] = open(work / f"{split}.bin", "ab")  # noqa: SIM115 - closed below
+            files[split].truncate(progress["tokens"][split] * dtype.itemsize)
+        if not progress["finished"]:
+            stream = registry.stream(name)
+            if progress["stream_state"] is not None:
+                stream.load_state_dict(progress["stream_state"])
+            pending: list[str] = []
+            unrecorded = 0
+            for docs in stream:
+                pending += docs
+                if len(pending) < STREAM_BATCH_DOCS:
+                    continue
+                unrecorded += _append(pending, tokenizer, dtype, files, progress, max_tokens, val_fraction)
+                pending = []
+                if progress["budget_reached"]:
+                    break
+                if unrecorded >= STREAM_FLUSH_TOKENS:
+                    record(stream.state_dict())
+                    unrecorded = 0
+            else:  # the stream ended
+                _append(pending, tokenizer, dtype, files, progress, max_tokens, val_fraction)
+            progress["finished"] = True
+            record(None)
+    finally:
+        for f in files.values():
+            f.close()
+    if max_tokens is not None and not progress["budget_reached"]:
+        warnings.warn(f"corpus {name!r}: the stream ended at {progress['tokens']['train']:,} training "
+                      f"tokens, short of its max_tokens ({max_tokens:,})", stacklevel=4)
+    meta = dict(
+        version=SHARD_VERSION, name=name, dtype=dtype.name, tokens=progress["tokens"],
+        documents=progress["documents"], characters=progress["characters"],
+        tokenizer=tokenizer.fingerprint, vocab_size=tokenizer.vocab_size, eot_id=tokenizer.eot_id,
+        source=registry.source_hash(name), invalid_utf8=registry.invalid_utf8.get(name, 0),
+        streamed=dict(max_tokens=max_tokens, val_fraction=val_fraction,
+                      budget_reached=progress["budget_reached"]),
+        build_seconds=round(progress["seconds"], 3))
+    for split in SPLITS:
+        os.replace(work / f"{split}.bin", folder / f"{split}.bin")
+    atomic_write_text(folder / "meta.json", json.dumps(meta, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+    return meta
+
+
+def _read_progress(work: Path, fresh: dict[str, Any]) -> dict[str, Any] | None:
+    """The progress record of an interrupted build, if it belongs to this build (same format, token
+    type and tokenizer) and its files hold at least the recorded tokens."""
+    try:
+        progress = json.loads((work / "progress.json").read_text())
+        if any(progress.get(k) != fresh[k] for k in ("version", "dtype", "tokenizer")):
+            return None
+        itemsize = np.dtype(progress["dtype"]).itemsize
+        for split in SPLITS:
+            if (work / f"{split}.bin").stat().st_size < progress["tokens"][split] * itemsize:
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return progress
+
+
+def _append(docs: list[str], tokenizer: Tokenizer, dtype: np.dtype, files: dict[str, Any],
+            progress: dict[str, Any], max_tokens: int | None, val_fraction: float) -> int:
+    """Tokenise ``docs`` and append each, with end-of-text, to its split, in order, stopping after the
+    document that brings the training split to ``max_tokens``. Updates ``progress``; returns the tokens
+    written."""
+    if not docs:
+        return 0
+    eot = np.array([tokenizer.eot_id], dtype=dtype)
+    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    tokens, written = progress["tokens"], 0
+    for text, ids in zip(docs, tokenizer.encode_arrays(docs)):
+        split = "val" if stream_is_val(doc_key(text), tokens["val"], val_fraction) else "train"
+        parts[split] += [ids.astype(dtype), eot]
+        tokens[split] += len(ids) + 1
+        progress["documents"][split] += 1
+        progress["characters"][split] += len(text)
+        written += len(ids) + 1
+        if max_tokens is not None and tokens["train"] >= max_tokens:
+            progress["budget_reached"] = True
+            break
+    for split in SPLITS:
+        if parts[split]:
+            np.concatenate(parts[split]).tofile(files[split])
+    return written
 
 
 # -- the corpora table ---------------------------------------------------------------------------

@@ -13,6 +13,21 @@
 
 The LR is a pure function of (stage, step), the sampler's position is saved, and so are the RNG states:
 a run killed at any moment and resumed writes the same metrics.jsonl as one never interrupted.
+
+Strategies (``train.strategy``, with several processes under torchrun; one process ignores it):
+- ``ddp``: every process holds the whole model; gradients are averaged by DistributedDataParallel.
+- ``fsdp``: the model is sharded with PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``): each
+  block is one unit and the rest (embeddings, final LayerNorm, output projection) the root unit, so every
+  process holds 1/N of each parameter, gradient and AdamW moment; a unit's parameters are gathered just
+  before its forward and backward and freed after. Parameters stay fp32 (bf16 comes from autocast, as
+  with ddp), gradients are reduce-scattered after every micro-batch (so they stay sharded too).
+
+Checkpoints have one format whatever the strategy: a consolidated (unsharded) state on rank 0. ``model``
+is ``GPT.state_dict()`` (full tensors on the CPU), ``optimizer`` is ``torch.optim.AdamW.state_dict()`` of
+the unsharded model (parameters numbered in the order of its two parameter groups). Under fsdp the full
+state is gathered to rank 0 to save (``torch.distributed.checkpoint.state_dict``) and every process reads
+the file and keeps its shard to resume, so a run, or a stage's ``init_from``, can move between strategies
+and process counts.
 """
 
 from __future__ import annotations
@@ -66,11 +81,15 @@ class _Progress:
 
 
 def _setup_distributed() -> tuple[int, int]:
-    """(rank, world size); initialises the process group when launched by torchrun."""
+    """(rank, world size); initialises the process group when launched by torchrun. On GPUs each
+    process uses the GPU of its local rank, NCCL for CUDA tensors and gloo for CPU ones (the loss)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend="cpu:gloo,cuda:nccl")
+        else:
+            dist.init_process_group(backend="gloo")
     if world > 1:
         return dist.get_rank(), world
     return 0, 1
@@ -161,6 +180,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, quiet: bool = False,
 
     torch.manual_seed(t.seed)
     model = GPT(resolved.model).to(device)
+    fsdp = world > 1 and t.strategy == "fsdp"
+    if fsdp:
+        _shard(model)
     optimizer = runtime.make_optimizer(model, t)
     progress = _Progress(next_eval_tokens=resolved.eval.every_tokens,
                          next_ckpt_tokens=t.checkpoint_every_tokens)
@@ -169,8 +191,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, quiet: bool = False,
 
     ckpt = run.latest_checkpoint() if run.config_path.exists() else None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        _load_model(model, ckpt["model"])
+        _load_optimizer(model, optimizer, ckpt["optimizer"])
         progress = _Progress(**ckpt["progress"])
         sampler_state = ckpt["sampler"]
         last_val = dict(ckpt.get("last_val", {}))
@@ -185,10 +207,11 @@ def train(cfg: RunConfig, out_dir: str | Path, *, quiet: bool = False,
             on_record(record)
 
     def save(name: str, sampler: data.BatchSampler | None) -> None:
+        model_state, optimizer_state = _full_state(model, optimizer)  # under fsdp every rank takes part
         if rank != 0:
             return
         state = {
-            "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "model": model_state, "optimizer": optimizer_state,
             "progress": vars(progress).copy(), "sampler": sampler.state_dict() if sampler else None,
             "rng": _rng_state(), "last_val": last_val, "metrics_bytes": run.metrics_size(),
             "config_hash": resolved.hash(),
@@ -198,7 +221,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, quiet: bool = False,
             atomic_write_text(run.ckpt_dir / f"{name}.json", f'{{"step": {progress.step}}}\n')
 
     ddp_model = model
-    if world > 1:
+    if world > 1 and not fsdp:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model)
     step_model = torch.compile(ddp_model) if t.compile else ddp_model
     status = "done"
@@ -212,7 +235,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, quiet: bool = False,
             if stage.reset_optimizer or si == 0:
                 optimizer = runtime.make_optimizer(model, t)
             if base is not None and not stage.reset_optimizer:
-                optimizer.load_state_dict(base["optimizer"])
+                _load_optimizer(model, optimizer, base["optimizer"])
             if base is not None and si == 0:  # continue the base model's counters so curves line up
                 progress.step = base["progress"]["step"]
                 progress.tokens = base["progress"]["tokens"]
@@ -252,7 +275,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, quiet: bool = False,
             x, y = sampler.next_batch()
             micro_batches = [(x[i:i + micro].to(device), y[i:i + micro].to(device))
                              for i in range(0, share, micro)]
-            loss = runtime.train_step(step_model, optimizer, micro_batches, lr, t.grad_clip, autocast)
+            loss = runtime.train_step(step_model, optimizer, micro_batches, lr, t.grad_clip, autocast,
+                                      workers=1 if fsdp else None)
             if world > 1:
                 loss_t = torch.tensor([loss], dtype=torch.float64)
                 dist.all_reduce(loss_t)
@@ -328,16 +352,103 @@ def _begin_stage(stage: Stage, index: int, model: GPT, cfg: RunConfig) -> dict[s
     """Set the model's starting weights for a stage: previous stage, scratch, or a checkpoint (returned)."""
     if stage.init_from == "scratch" and index > 0:
         torch.manual_seed(cfg.train.seed + index)
-        model.load_state_dict(GPT(cfg.model).state_dict())
+        _load_model(model, GPT(cfg.model).state_dict())
     elif stage.init_from not in ("previous", "scratch"):
         path = Path(stage.init_from)
         if not path.exists():
             raise ConfigError(f"stages[{index}] ({stage.name}).init_from: checkpoint {path} does not exist")
         state = load_checkpoint(path)
         try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as exc:
+            _load_model(model, state["model"])
+        except (RuntimeError, KeyError, ValueError) as exc:
             raise ConfigError(f"stages[{index}] ({stage.name}).init_from: {path} does not fit this model: "
                               f"{str(exc).splitlines()[0]}") from None
         return state
     return None
+
+
+# -- strategies ----------------------------------------------------------------------------------
+
+def _fully_shard() -> Callable[..., Any]:
+    """FSDP2's ``fully_shard`` (``torch.distributed.fsdp`` from torch 2.6, ``_composable.fsdp`` before)."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import fully_shard
+        except ImportError:
+            raise ConfigError(f"train.strategy: fsdp needs torch >= 2.4 (fully_shard); this is torch "
+                              f"{torch.__version__}") from None
+    return fully_shard
+
+
+def _shard(model: GPT) -> None:
+    """Shard ``model`` in place over all processes: one FSDP unit per block, the rest in the root unit."""
+    fully_shard = _fully_shard()
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            return False
+    return isinstance(model, FSDPModule)
+
+
+def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of every optimizer parameter, in the order ``optimizer.state_dict()`` numbers them."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model state, optimizer state) in the checkpoint format (see the module docstring). Sharded, a
+    collective: every process must call it; rank 0 gets the full tensors on the CPU, the others nothing."""
+    if not _is_sharded(model):
+        return _unwrap(model).state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    by_name = get_optimizer_state_dict(model, optimizer, options=options)  # keyed by parameter name
+    if not by_name:
+        return model_state, {}
+    index = {name: i for i, name in enumerate(_param_names(model, optimizer))}
+    optimizer_state = {
+        "state": {index[name]: s for name, s in by_name["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]}
+    return model_state, optimizer_state
+
+
+def _load_model(model: torch.nn.Module, state: dict[str, Any]) -> None:
+    """Load a full ``GPT.state_dict()``; a sharded model keeps its shard of each tensor."""
+    if not _is_sharded(model):
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True))
+
+
+def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load an unsharded ``AdamW.state_dict()``; a sharded model's optimizer keeps its shard."""
+    if not _is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _param_names(model, optimizer)
+    by_name = {"state": {names[i]: dict(s) for i, s in state["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                                for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
