@@ -71,6 +71,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16
     compile: bool = False
     strategy: str = "ddp"  # ddp | fsdp (with several processes)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -294,12 +295,26 @@ class RunConfig:
                 raise ConfigError(f"{where}.schedule.{exc}") from None
 
     def hash(self) -> str:
-        """Short content hash of the resolved config (what makes two runs the same run)."""
-        text = json.dumps(self.resolve().to_dict(), sort_keys=True, separators=(",", ":"))
+        """Short content hash of the resolved config (what makes two runs the same run). Values equal to
+        their field's default are left out, so adding a field with a default keeps every existing hash."""
+        text = json.dumps(_non_default(self.resolve()), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+def _non_default(value: Any) -> Any:
+    """A dataclass as a plain mapping of only the fields that differ from their defaults (recursively)."""
+    if dataclasses.is_dataclass(value):
+        default = type(value)()
+        return {f.name: _non_default(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if getattr(value, f.name) != getattr(default, f.name)}
+    if isinstance(value, list):
+        return [_non_default(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _non_default(v) for k, v in value.items()}
+    return value
+
 
 def _check_range(key: str, value: float, lo: float, hi: float) -> None:
     if not lo <= value <= hi:

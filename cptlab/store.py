@@ -47,7 +47,8 @@ class RunDir:
         """Write config.json, or check that the one there is the same config (else refuse)."""
         new = resolved.to_dict()
         if self.config_path.exists():
-            old = json.loads(self.config_path.read_text())
+            # read back through RunConfig: a field added since the run started takes its default
+            old = RunConfig.from_dict(json.loads(self.config_path.read_text())).to_dict()
             changes = diff(old, new)
             if changes:
                 raise RunDirError(

@@ -108,3 +108,22 @@ def test_missing_file_and_bad_yaml(tmp_path):
     (tmp_path / "bad.yaml").write_text("model: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         RunConfig.load(tmp_path / "bad.yaml")
+
+
+def test_a_field_at_its_default_does_not_enter_the_hash(example):
+    cfg = RunConfig.load(example)
+    same = RunConfig.load(example, ["train.activation_checkpointing=false", "model.dropout=0.0"])
+    other = RunConfig.load(example, ["train.activation_checkpointing=true"])
+    assert cfg.hash() == same.hash() != other.hash()
+
+
+def test_a_run_dir_written_before_a_field_existed_is_still_the_same_run(example, tmp_path):
+    from cptlab.store import RunDir
+
+    cfg = RunConfig.load(example).resolve(vocab_size=8192)
+    run = RunDir(tmp_path)
+    run.claim(cfg)
+    old = json.loads(run.config_path.read_text())
+    del old["train"]["activation_checkpointing"]  # as written by an older cptlab
+    run.config_path.write_text(json.dumps(old))
+    run.claim(cfg)  # no refusal

@@ -39,7 +39,7 @@ from cptlab import train as trainer
 from cptlab.config import RunConfig
 from cptlab.train import train
 
-for hook in ("_shard",):  # say which strategy pieces ran
+for hook in ("_shard", "_checkpoint_blocks"):  # say which strategy pieces ran
     def traced(model, _name=hook, _fn=getattr(trainer, hook)):
         print("RAN", _name)
         _fn(model)
@@ -124,17 +124,23 @@ def torchrun(worker: Path, cfg: Path, out: Path, stop_after: int = 0) -> str:
     return proc.stdout
 
 
+def test_activation_checkpointing_changes_nothing_but_memory(reference, corpus_dir, tmp_path):
+    assert train(RunConfig.from_dict(config(corpus_dir, activation_checkpointing=True)), tmp_path,
+                 quiet=True).status == "done"
+    assert_close(evals(tmp_path), evals(reference), 1e-6)
+
+
 @pytest.mark.slow
 @needs_fsdp
 def test_two_fsdp_processes_match_one_and_resume(reference, corpus_dir, tmp_path):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump(config(corpus_dir, strategy="fsdp")))
+    cfg.write_text(yaml.safe_dump(config(corpus_dir, strategy="fsdp", activation_checkpointing=True)))
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     out = tmp_path / "fsdp"
 
     stdout = torchrun(worker, cfg, out, stop_after=7)  # stops inside the first stage
-    assert "STATUS stopped" in stdout and "RAN _shard" in stdout
+    assert "STATUS stopped" in stdout and "RAN _shard" in stdout and "RAN _checkpoint_blocks" in stdout
     (ckpt,) = (out / "checkpoints").glob("step-*.pt")
     assert ckpt.name == "step-000000007.pt"
     assert "STATUS done" in torchrun(worker, cfg, out)
