@@ -447,8 +447,9 @@ def diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file so that a crash leaves either the old or the new content."""
+def atomic_write(path: str | Path, write: typing.Callable[[typing.IO], object], binary: bool = False) -> None:
+    """Create ``path`` through ``write(file)`` so that a crash leaves either the old or the new content:
+    a temporary file in the same folder, fsynced, renamed over ``path``, then the folder fsynced."""
     import os
     import tempfile
 
@@ -456,11 +457,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically (see ``atomic_write``)."""
+    atomic_write(path, lambda f: f.write(text))

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cptlab.config import RunConfig, atomic_write_text, diff
+from cptlab.config import RunConfig, atomic_write, atomic_write_text, diff
 
 ROLLING_KEEP = 2
 
@@ -106,23 +105,8 @@ class RunDir:
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, state: dict[str, Any], name: str) -> Path:
         """Atomically write ``checkpoints/<name>.pt``; prune rolling ones beyond the last two."""
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         path = self.ckpt_dir / f"{name}.pt"
-        fd, tmp = tempfile.mkstemp(dir=self.ckpt_dir, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.ckpt_dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomic_write(path, lambda f: torch.save(state, f), binary=True)
         rolling = sorted(self.ckpt_dir.glob("step-*.pt"))
         for old in rolling[:-ROLLING_KEEP]:
             old.unlink(missing_ok=True)
