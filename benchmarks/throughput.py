@@ -1,20 +1,25 @@
 """Training throughput: this machine's matmul peak, the lab's training step, a plain GPT-2 reference.
 
     .venv/bin/python benchmarks/throughput.py [--n-layer 4 --n-head 4 --d-model 256 --seq-len 256
-        --batch-size 16 --vocab-size 512] [--precision auto|fp32|bf16] [--steps N] [--threads N]
-        [--malloc tuned|asis] [--compile] [--reference-attention sdpa|manual] [--json]
+        --batch-size 16 --vocab-size 512] [--precision auto|fp32|bf16] [--steps 32] [--rounds 8]
+        [--threads N] [--workers N] [--malloc tuned|asis] [--compile]
+        [--reference-attention sdpa|manual] [--no-reference] [--device cpu] [--json]
 
-1. Matmul peak: best of a few large square matmuls, fp32 and bf16 (GFLOP/s).
+1. Matmul peak: best of large square matmuls, fp32 and bf16 (GFLOP/s), sampled at the start, between
+   rounds and at the end; the best sample is kept.
 2. The lab's step, as ``cptlab train`` runs it: ``cptlab.sampler.BatchSampler`` over random tokens, the
    LR from ``cptlab.schedules``, then ``cptlab.runtime.train_step`` (GPT-NeoX model, loss, backward,
-   clip, fused AdamW) at the chosen precision.
+   clip, fused AdamW; on a multi-core CPU the batch split across ``runtime.step_workers`` threads) at
+   the chosen precision.
 3. A plain fp32 GPT-2-style step of the same size (written below: learned positions, sequential
    residual, tied embeddings, SDPA or manual softmax attention, stock AdamW, clip, ``loss.item()``).
 
-The two steps alternate in rounds, so that a machine shared with other work slows both alike; each
-figure is the fastest step (and the median). FLOPs per token use the PaLM convention (see
-``GPT.flops_per_token``); MFU is achieved FLOP/s over the measured peak of the precision used.
-Prints figures; never fails on timing.
+The two steps alternate in rounds in one process (same threads, same malloc settings), so that a
+machine shared with other work slows both alike; each figure is the fastest step, with the median
+beside it. FLOPs per token use the PaLM convention (see ``GPT.flops_per_token``); MFU is achieved
+FLOP/s over the measured peak of the precision used. Minor page faults and system CPU time per step
+show what ``runtime.tune_malloc`` saves (``--malloc asis`` leaves glibc as launched). Prints figures;
+never fails on timing.
 """
 
 from __future__ import annotations
@@ -139,18 +144,21 @@ class RefGPT(nn.Module):
 
 
 class Timer:
-    """Wall time and minor page faults of each call."""
+    """Wall time, minor page faults and system CPU time (all threads) of each call."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
         self.faults: list[int] = []
+        self.sys_times: list[float] = []
 
     def __call__(self, fn) -> None:
-        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         fn()
         self.times.append(time.perf_counter() - t0)
-        self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        self.faults.append(r1.ru_minflt - r0.ru_minflt)
+        self.sys_times.append(r1.ru_stime - r0.ru_stime)
 
     def best(self) -> float:
         return min(self.times)
@@ -193,7 +201,9 @@ def lab_step_fn(args: argparse.Namespace, precision: str, device: torch.device):
     except (ImportError, AttributeError, ValueError):
         def lr_at(step: int) -> float:
             return 3e-5 + 1.35e-4 * (1 + math.cos(math.pi * step / total_steps))
-    state = {"step": 0, "loss": float("nan"), "sample_s": 0.0}
+    probe = torch.zeros(args.batch_size, args.seq_len, dtype=torch.long, device=device)
+    workers = args.workers if args.workers is not None else runtime.step_workers(step_model, [(probe, probe)])
+    state = {"step": 0, "loss": float("nan"), "sample_s": 0.0, "workers": workers}
 
     def step() -> None:
         t0 = time.perf_counter()
@@ -201,7 +211,7 @@ def lab_step_fn(args: argparse.Namespace, precision: str, device: torch.device):
         lr = lr_at(state["step"])
         state["sample_s"] += time.perf_counter() - t0
         state["loss"] = runtime.train_step(step_model, optimizer, [(x.to(device), y.to(device))], lr,
-                                           train_cfg.grad_clip, autocast, workers=args.workers)
+                                           train_cfg.grad_clip, autocast, workers=workers)
         state["step"] += 1
 
     return step, model, note, state
@@ -270,8 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(0)
     lab_step, model, note, lab_state = lab_step_fn(args, precision, device)
-    x_probe = torch.zeros(args.batch_size, args.seq_len, dtype=torch.long, device=device)
-    workers = args.workers if args.workers is not None else runtime.step_workers(model, [(x_probe, x_probe)])
+    workers = lab_state["workers"]
     say(f"lab model: {model.num_params():,} parameters; {note}; train_step workers: {workers}")
     t0 = time.perf_counter()
     for _ in range(3):
@@ -303,6 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sampler_ms_per_step": 1e3 * lab_state["sample_s"] / len(timers["lab"].times),
         "peak_flops": peak[precision], "peak_flops_fp32": peak["fp32"], "peak_flops_bf16": peak["bf16"],
         "minor_faults_per_step": statistics.median(lab.faults), "final_loss": lab_state["loss"],
+        "sys_ms_per_step": 1e3 * statistics.mean(lab.sys_times),
         "dims": {k: getattr(args, k) for k in ("n_layer", "n_head", "d_model", "seq_len", "batch_size",
                                                "vocab_size")},
     }
@@ -314,7 +324,8 @@ def main(argv: list[str] | None = None) -> dict:
     say(f"  FLOPs/token {fpt / 1e6:.2f} M; achieved {out['flops_per_s'] / 1e9:.1f} GFLOP/s; MFU "
         f"{out['mfu']:.1%} of the {precision} peak ({out['mfu_bf16_peak']:.1%} of the bf16 peak)")
     share = out["sampler_ms_per_step"] / 1e3 / lab.median()
-    say(f"  minor page faults per step: {out['minor_faults_per_step']:.0f}; batch sampling + LR: "
+    say(f"  minor page faults per step: {out['minor_faults_per_step']:.0f} (system CPU time "
+        f"{out['sys_ms_per_step']:.1f} ms per step); batch sampling + LR: "
         f"{out['sampler_ms_per_step']:.2f} ms per step ({share:.1%} of the median step)")
     if "ref" in timers:
         ref = timers["ref"]
@@ -322,6 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
         out["reference_tokens_per_s_median"] = tokens / ref.median()
         out["reference_flops_per_token"] = ref_model.flops_per_token(args.seq_len)
         out["reference_minor_faults_per_step"] = statistics.median(ref.faults)
+        out["reference_sys_ms_per_step"] = 1e3 * statistics.mean(ref.sys_times)
         out["speedup"] = out["tokens_per_s"] / out["reference_tokens_per_s"]
         out["speedup_median"] = out["tokens_per_s_median"] / out["reference_tokens_per_s_median"]
         ref_fps = out["reference_tokens_per_s"] * out["reference_flops_per_token"]
@@ -329,7 +341,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"{out['reference_tokens_per_s']:,.0f} tokens/s best, "
             f"{out['reference_tokens_per_s_median']:,.0f} median; "
             f"{ref_fps / 1e9:.1f} GFLOP/s, MFU {ref_fps / peak['fp32']:.1%} of the fp32 peak; "
-            f"minor page faults per step: {out['reference_minor_faults_per_step']:.0f}")
+            f"minor page faults per step: {out['reference_minor_faults_per_step']:.0f} "
+            f"(system CPU time {out['reference_sys_ms_per_step']:.1f} ms per step)")
         say(f"speed-up over the reference: {out['speedup']:.2f}x best, {out['speedup_median']:.2f}x median")
     if args.json:
         print(json.dumps(out))

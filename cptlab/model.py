@@ -104,8 +104,8 @@ class _SplitHeadsRotary(torch.autograd.Function):
 class _BlockedCausalAttention(torch.autograd.Function):
     """Causal attention as batched matmuls over blocks of ``block`` query rows: query block i only
     meets keys 0 .. (i+1) * block, so the masked upper triangle is mostly skipped (3/4 of the full
-    T x T work for 2 blocks, 5/8 for 4). Inputs (N, T, hd); the scores of each block are kept for the
-    backward (N * T^2 / 2 values in all)."""
+    T x T work for 2 blocks, 5/8 for 4). Inputs (N, T, hd); the attention probabilities of each block
+    are kept for the backward (about N * T^2 / 2 values in all)."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int):

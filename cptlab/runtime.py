@@ -70,7 +70,8 @@ def pick_precision(name: str, device: torch.device) -> str:
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """A fresh context for one forward pass: bf16 autocast, or nothing for fp32."""
+    """The context for forward passes: bf16 autocast, or nothing for fp32. It may be entered again
+    and again, one at a time (``train_step`` gives each of its threads a copy)."""
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -260,49 +261,54 @@ _MALLOC_MARK = "CPTLAB_MALLOC_TUNED"
 
 
 def tune_malloc_env() -> dict[str, str]:
-    """glibc malloc settings that stop the allocator from returning memory to the OS and mapping it
-    back on every step (each fresh page costs a minor page fault). They only take effect when set
-    before the process starts: pass them to a subprocess (``malloc_subprocess_env``) or re-exec
-    (``reexec_with_tuned_malloc``).
+    """glibc malloc settings that keep freed memory in the process for the next step instead of
+    returning it to the OS and mapping it back (every fresh 4 KiB page costs a minor page fault; a
+    step allocates and frees the same large tensors each time). The price: the process keeps its
+    peak memory until it exits.
 
-    - MALLOC_MMAP_THRESHOLD_: serve blocks up to 32 MiB (glibc's maximum) from the heap, not mmap
+    - MALLOC_MMAP_MAX_=0: never serve large blocks with their own mmap (freed with munmap)
+    - MALLOC_MMAP_THRESHOLD_: fixed at glibc's maximum, which also stops glibc from adapting the
+      trim threshold
     - MALLOC_TRIM_THRESHOLD_: never trim the top of the heap back to the OS
     - MALLOC_TOP_PAD_: grow the heap 64 MiB at a time
-    - MALLOC_ARENA_MAX: a few arenas, so memory freed by one thread is reused by others
+    - MALLOC_ARENA_MAX=1: one heap for all threads (a thread arena cannot hold blocks over 64 MiB
+      and would fall back to mmap)
+
+    As environment variables they must be set before the process starts (``malloc_subprocess_env``,
+    ``reexec_with_tuned_malloc``); ``tune_malloc`` applies the same settings to a running process.
     """
     return {
+        "MALLOC_MMAP_MAX_": "0",
         "MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024),
         "MALLOC_TRIM_THRESHOLD_": str(2**62),
         "MALLOC_TOP_PAD_": str(64 * 1024 * 1024),
-        "MALLOC_ARENA_MAX": "2",
+        "MALLOC_ARENA_MAX": "1",
     }
 
 
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8  # glibc <malloc.h>
+# mallopt parameters, glibc <malloc.h>
+_MALLOPT = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_TOP_PAD_": -2, "MALLOC_MMAP_THRESHOLD_": -3,
+            "MALLOC_MMAP_MAX_": -4, "MALLOC_ARENA_MAX": -8}
 
 
 def tune_malloc() -> bool:
-    """Apply ``tune_malloc_env``'s settings to this running process through glibc's ``mallopt``.
-
-    Unlike the environment variables this works after start-up; blocks already mapped stay as they
-    are, later ones follow the new settings. Returns False (and changes nothing) off glibc.
+    """Apply ``tune_malloc_env``'s settings to this running process through glibc's ``mallopt``, so
+    that no re-exec is needed. Blocks already mapped stay as they are; later ones follow the new
+    settings. Returns True when every setting was accepted; False (changing nothing) off glibc.
     """
     if not sys.platform.startswith("linux"):
         return False
     import ctypes
 
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    settings = tune_malloc_env()
     ok = True
-    for param, key in ((_M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_"), (_M_TOP_PAD, "MALLOC_TOP_PAD_"),
-                       (_M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_"), (_M_ARENA_MAX, "MALLOC_ARENA_MAX")):
-        ok &= mallopt(param, min(int(settings[key]), 2**31 - 1)) == 1
-    return ok
+    for key, value in tune_malloc_env().items():
+        ok &= mallopt(_MALLOPT[key], min(int(value), 2**31 - 1)) == 1
+    return bool(ok)
 
 
 def malloc_env_is_tuned(env: dict[str, str] | None = None) -> bool:

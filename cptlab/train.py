@@ -157,6 +157,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, quiet: bool = False,
     if share % micro:
         raise ConfigError(f"train.micro_batch_size ({micro}) must divide the per-process batch ({share})")
     runtime.set_threads(t.threads)
+    runtime.tune_malloc()  # glibc keeps freed memory: far fewer page faults per step (see runtime)
 
     tokenizer = data.load_tokenizer(cfg.tokenizer, registry, cache_dir=cache_dir)
     resolved = cfg.resolve(vocab_size=tokenizer.vocab_size)
