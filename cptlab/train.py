@@ -301,9 +301,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, quiet: bool = False,
             last = progress.stage_step == n_steps
             if progress.stage_step % t.log_every_steps == 0 or last:
                 elapsed = time.perf_counter() - window_start
-                by_source = dict(progress.tokens_by_source_done)
-                for name, n in sampler.tokens_by_source.items():
-                    by_source[name] = by_source.get(name, 0) + int(n)
+                by_source = _add_counts(progress.tokens_by_source_done, sampler.tokens_by_source)
                 mean_loss = progress.window_loss / progress.window_steps
                 log({"step": progress.step, "tokens": progress.tokens, "stage": stage.name, "lr": lr,
                      "train_loss": mean_loss, "tokens_by_source": by_source,
@@ -321,10 +319,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, quiet: bool = False,
             while resolved.eval.every_tokens and progress.next_eval_tokens <= progress.tokens:
                 progress.next_eval_tokens += resolved.eval.every_tokens
             if last:
-                done = dict(progress.tokens_by_source_done)
-                for name, n in sampler.tokens_by_source.items():
-                    done[name] = done.get(name, 0) + int(n)
-                progress.tokens_by_source_done = done
+                progress.tokens_by_source_done = _add_counts(progress.tokens_by_source_done,
+                                                             sampler.tokens_by_source)
                 read = sampler.sequences_by_source
                 progress.sequences_done = {**progress.sequences_done, **{
                     n: progress.sequences_done.get(n, 0) + read.get(n, 0) for n in stage.data}}
@@ -348,6 +344,11 @@ def train(cfg: RunConfig, out_dir: str | Path, *, quiet: bool = False,
             run.mark_done()
         run.close()
     return TrainResult(Path(out_dir), status, last_val, progress.step, progress.tokens)
+
+
+def _add_counts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    """Per-corpus counts of finished stages plus the current stage's."""
+    return {name: a.get(name, 0) + int(b.get(name, 0)) for name in {**a, **b}}
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
