@@ -146,7 +146,20 @@ def train(cfg: RunConfig, out_dir: str | Path, *, quiet: bool = False,
           cache_dir: str | Path | None = None) -> TrainResult:
     """Run (or resume) ``cfg`` in ``out_dir``. ``stop()`` returning True ends the run at the next step
     with a checkpoint (resume by calling again); ``on_record`` sees every metrics line as it is written."""
+    owns_group = not (dist.is_available() and dist.is_initialized())
     rank, world = _setup_distributed()
+    try:
+        return _train(cfg, out_dir, rank, world, quiet, stop, on_record, cache_dir)
+    finally:
+        # A process group left to the interpreter's exit can abort it ("terminate called without an
+        # active exception" from gloo's threads), so the group this call created ends with it.
+        if world > 1 and owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: RunConfig, out_dir: str | Path, rank: int, world: int, quiet: bool,
+           stop: Callable[[], bool] | None, on_record: Callable[[dict[str, Any]], None] | None,
+           cache_dir: str | Path | None) -> TrainResult:
     registry = data.Registry(cfg.corpora)
     cfg.validate(registry.names())
     t = cfg.train
