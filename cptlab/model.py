@@ -222,6 +222,50 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
+# The output projection and the cross-entropy fused, for training on the CPU: the (tokens x vocab) logits
+# are the largest tensors of a small model's step, and the unfused path streams them through memory
+# about ten times (bf16 logits, fp32 log-probs, a zero-filled gradient, the softmax backward, a bf16
+# copy). Here each chunk of rows computes its loss and its gradient (softmax - onehot) while the chunk is
+# in cache, and the two backward matmuls run once over the whole bf16 gradient. The backward only
+# scales what the forward computed, so the matmul count is the same as unfused.
+HEAD_LOSS_CHUNK = 256  # rows per chunk: 256 x a 4096 vocab in fp32 is 4 MB
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype):
+        with torch.autocast("cpu", enabled=False):
+            return _FusedHeadLoss._forward(ctx, h, weight, targets, dtype)
+
+    @staticmethod
+    def _forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype):
+        n = h.size(0)
+        w = weight.to(dtype)
+        hc = h.to(dtype)
+        grad_logits = torch.empty(n, w.size(0), dtype=dtype)
+        loss = torch.zeros((), dtype=torch.float32)
+        for i in range(0, n, HEAD_LOSS_CHUNK):
+            rows = slice(i, min(n, i + HEAD_LOSS_CHUNK))
+            tgt = targets[rows].unsqueeze(1)
+            # one fused softmax pass (max, exp, sum, scale): 4x faster here than logsumexp + exp. The
+            # loss is -log p(target), with p floored at the smallest normal float (a loss cap of 87 nats).
+            probs = torch.softmax((hc[rows] @ w.t()).float(), dim=1)
+            loss -= probs.gather(1, tgt).clamp_min(torch.finfo(torch.float32).tiny).log().sum()
+            probs.scatter_add_(1, tgt, torch.full_like(tgt, -1.0, dtype=probs.dtype))
+            grad_logits[rows] = probs.div_(n)
+        ctx.save_for_backward(hc, w, grad_logits)
+        ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        hc, w, grad_logits = ctx.saved_tensors
+        g = grad_logits if grad_out.item() == 1.0 else grad_logits * grad_out.to(grad_logits.dtype)
+        grad_h = (g @ w).to(ctx.h_dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (g.t() @ hc).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
+        return grad_h, grad_w, None, None
+
+
 class GPT(nn.Module):
     """The decoder. ``cfg`` must be resolved (every shape field set; see ``RunConfig.resolve``)."""
 
@@ -235,6 +279,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        self.fuse_head_loss = True  # see _FusedHeadLoss; False gives the plain path (tests compare them)
         self.apply(self._init)
 
     def _init(self, module: nn.Module) -> None:
@@ -261,7 +306,13 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx))
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))
+        x = self.ln_f(x)
+        if targets is not None and not return_logits and self._fuse_head_loss(x):
+            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+            loss = _FusedHeadLoss.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                        dtype)
+            return None, loss
+        logits = self.lm_head(x)
         loss = None
         if targets is not None:
             logp = F.log_softmax(logits.reshape(-1, logits.size(-1)), dim=-1, dtype=torch.float32)
@@ -269,6 +320,12 @@ class GPT(nn.Module):
             if not return_logits:
                 logits = None
         return logits, loss
+
+    def _fuse_head_loss(self, x: torch.Tensor) -> bool:
+        """The fused head + loss: for training steps on the CPU (it computes the gradient eagerly, so not
+        for evaluation), with the output projection a plain unsharded parameter."""
+        return (x.device.type == "cpu" and torch.is_grad_enabled() and self.fuse_head_loss
+                and type(self.lm_head.weight) is nn.Parameter)
 
     # -- accounting ------------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:

@@ -207,3 +207,48 @@ def test_dropout_option():
     model = GPT(small_cfg(dropout=0.1))
     assert any(isinstance(m, torch.nn.Dropout) for m in model.modules())
     assert not any(isinstance(m, torch.nn.Dropout) for m in GPT(small_cfg()).modules())
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("chunk", [5, 256])
+def test_fused_head_loss_matches_plain_path(tie, chunk, monkeypatch):
+    """The training path's fused projection + cross-entropy gives the plain path's loss and gradients, in
+    fp32 exactly (up to summation order), with tied embeddings, chunks that do not divide the rows, and a
+    loss weight (gradient accumulation)."""
+    monkeypatch.setattr(M, "HEAD_LOSS_CHUNK", chunk)
+    torch.manual_seed(0)
+    model = GPT(small_cfg(tie_embeddings=tie))
+    x, y = torch.randint(0, 97, (3, 17)), torch.randint(0, 97, (3, 17))
+    grads = []
+    for fused in (True, False):
+        model.fuse_head_loss = fused
+        model.zero_grad()
+        _, loss = model(x, y, return_logits=False)
+        (0.25 * loss).backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_f, grad_f), (loss_p, grad_p) = grads
+    torch.testing.assert_close(loss_f, loss_p)
+    for name in grad_p:
+        torch.testing.assert_close(grad_f[name], grad_p[name], msg=name)
+    # evaluation (no gradients) and return_logits=True never take the fused path
+    with torch.no_grad():
+        assert model(x, y, return_logits=False)[1] == pytest.approx(float(loss_p), abs=1e-5)
+    assert model(x, y)[0].shape == (3, 17, 97)
+
+
+def test_fused_head_loss_bf16_is_close_to_plain():
+    torch.manual_seed(0)
+    model = GPT(small_cfg(vocab_size=300))
+    x, y = torch.randint(0, 300, (4, 32)), torch.randint(0, 300, (4, 32))
+    out = []
+    for fused in (True, False):
+        model.fuse_head_loss = fused
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(x, y, return_logits=False)
+        loss.backward()
+        out.append((float(loss.detach()), model.lm_head.weight.grad.clone(), model.wte.weight.grad.clone()))
+    assert out[0][0] == pytest.approx(out[1][0], abs=2e-2)
+    for a, b in zip(out[0][1:], out[1][1:]):
+        assert a.dtype == torch.float32
+        assert (a - b).norm() / b.norm() < 5e-2
