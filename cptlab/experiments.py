@@ -8,18 +8,30 @@ ones resumed (see ``cptlab.runner``). Continual runs start from the base model's
 
 How the scales were chosen (DESIGN.md, "A measured starting point for tiny"):
 - ``smoke``: the smallest model and budgets that exercise every code path in seconds; no science.
-- ``tiny``: 4 layers x 4 heads x 128 dims, BPE vocab 4096, sequences of 128, batches of 32, max LR 3e-3
-  (min 3e-4) with ablations at 1.5e-3 and 6e-3, as measured in DESIGN.md. The D0 base model is trained
-  on B0 = 2M tokens (B0 = 1M was too undertrained: findings broke there) and each continual run on
-  B1 = 0.75M tokens, the budget DESIGN.md found every direction at; the union baseline sees B0 + B1
-  tokens mixed in proportion. Evaluation: 8 times a stage on 16k tokens per set (evaluating was a
-  quarter of the cost at 10 x 64k). The whole reproduction is ~30M training tokens, sized for
-  `make reproduce` on a 2-core CPU (two single-thread runs side by side).
+- ``tiny``: 3 layers x 4 heads x 128 dims (590k non-embedding parameters), BPE vocab 2048, sequences of
+  128, batches of 32, max LR 3e-3 (min 3e-4) with ablations at 1.5e-3 and 6e-3. DESIGN.md's model had 4
+  layers and vocab 4096; with both, one training step ran at 14.3k tokens/s on one core and the ~31M
+  tokens of the reproduction needed ~18 minutes of two cores before any notebook ran. 3 layers and vocab
+  2048 run at 21.7k tokens/s (``benchmarks/throughput.py --n-layer 3 --d-model 128 --seq-len 128
+  --batch-size 32 --vocab-size 2048 --threads 1``), which fits the 20-minute budget. The D0 base model is
+  trained on B0 = 2M tokens (B0 = 1M was too undertrained: findings broke there) and each continual run
+  on B1 = 0.75M tokens; the union baseline sees B0 + B1 tokens mixed in proportion. Evaluation: 8 times a
+  stage on 16k tokens per set (evaluating was a quarter of the cost at 10 x 64k). At this size continual
+  + chosen replay does not come within 3% of the union (``scripts/probe_union_gap.py`` measures the
+  gap: it stays above 3% even at B1 = B0 = 1.5M, because the union's longer schedule trains the small
+  model's D0 loss 0.2-0.3 below the base model's on the same D0 tokens; see README).
 - ``small``: the same recipe on one GPU, 8 layers x 512 dims, 16x the tokens.
+
+The scale study (``scale_ladder``) trains smaller models of the same shape: the scale's ``ladder`` of
+widths, 4x apart in non-embedding parameters, each with token budgets scaled by sqrt(N / N_scale) (half
+the tokens per 4x fewer parameters: between the paper's one budget for 405M and 10B and a
+tokens-per-parameter rule, whose smallest rung would be a few dozen steps). The widest rung is the
+scale's own model, whose runs are the replay sweep's and the union's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +65,8 @@ class Scale:
     precision: str = "auto"
     seeds: tuple[int, ...] = (0,)
     union_factors: tuple[float, ...] = (1.5, 2.0)  # extra union baselines at more compute (figure 1)
+    model_overrides: tuple[tuple[str, int], ...] = ()  # model fields set over the preset (ladder rungs)
+    ladder: tuple[int, ...] = ()  # d_model of the scale study's smaller rungs, smallest first
 
     def eval_every(self, stage_tokens: int) -> int:
         return max(self.seq_len * self.batch_size, stage_tokens // self.evals_per_stage)
@@ -61,13 +75,13 @@ class Scale:
 SCALES: dict[str, Scale] = {
     "smoke": Scale(model="smoke", vocab_size=1024, seq_len=64, batch_size=8, base_tokens=16384,
                    new_tokens=8192, chunk_tokens=4096, max_lr=3e-3, min_lr=3e-4, evals_per_stage=4,
-                   eval_tokens=2048),
-    "tiny": Scale(model="tiny", vocab_size=4096, seq_len=128, batch_size=32, base_tokens=2_000_000,
+                   eval_tokens=2048, ladder=(16,)),
+    "tiny": Scale(model="tiny", vocab_size=2048, seq_len=128, batch_size=32, base_tokens=2_000_000,
                   new_tokens=750_000, chunk_tokens=300_000, max_lr=3e-3, min_lr=3e-4, evals_per_stage=8,
-                  eval_tokens=16384, union_factors=()),
+                  eval_tokens=16384, union_factors=(), ladder=(32, 64)),
     "small": Scale(model="small", vocab_size=8192, seq_len=256, batch_size=64, base_tokens=32_000_000,
                    new_tokens=24_000_000, chunk_tokens=8_000_000, max_lr=1e-3, min_lr=1e-4,
-                   eval_tokens=131072),
+                   eval_tokens=131072, ladder=(128, 256)),
 }
 
 
@@ -104,7 +118,7 @@ def _schedule(s: Scale, kind: str = "cosine", max_lr: float | None = None, **ext
 def _config(s: Scale, stages: list[dict[str, Any]], eval_sets: list[str], seed: int, device: str,
             eval_every: int) -> RunConfig:
     return RunConfig.from_dict({
-        "model": {"preset": s.model},
+        "model": {"preset": s.model, **dict(s.model_overrides)},
         "tokenizer": {"kind": "bpe", "vocab_size": s.vocab_size},
         "train": {"seq_len": s.seq_len, "batch_size": s.batch_size, "seed": seed, "device": device,
                   "precision": s.precision, "log_every_steps": 10},
@@ -296,4 +310,62 @@ def compute_vs_loss(shift: str, scale: str | Scale = "tiny", device: str = "auto
     for factor in (1.0, *s.union_factors):
         tokens = int(total * factor) // (s.seq_len * s.batch_size) * s.seq_len * s.batch_size
         runs.append(union_run(shift, s, tokens=None if factor == 1.0 else tokens, device=device))
+    return runs
+
+
+def ladder_scales(scale: str | Scale = "tiny") -> list[Scale]:
+    """The rungs of the scale study, smallest first: the scale's ``ladder`` widths (same layers, heads
+    of 32 dims or more, at least 2), then the scale itself. Token budgets scale with sqrt(N / N_scale)
+    in non-embedding parameters N, rounded to whole batches."""
+    from cptlab.config import MODEL_PRESETS
+    from cptlab.model import GPT
+
+    s = get_scale(scale)
+    preset = MODEL_PRESETS[s.model]
+
+    def params(**dims: int) -> int:
+        cfg = RunConfig.from_dict({"model": {"preset": s.model, **dims}}).resolve(vocab_size=s.vocab_size)
+        return GPT.count_params(cfg.model, non_embedding=True)
+
+    top = params()
+    step = s.seq_len * s.batch_size
+    rungs = []
+    for width in s.ladder:
+        dims = {"d_model": width, "n_head": max(2, min(preset["n_head"], width // 32))}
+        factor = (params(**dims) / top) ** 0.5
+
+        def scaled(n: int, factor: float = factor) -> int:
+            return max(step, round(n * factor / step) * step)
+
+        rungs.append(dataclasses.replace(s, model_overrides=tuple(sorted(dims.items())),
+                                         base_tokens=scaled(s.base_tokens), new_tokens=scaled(s.new_tokens)))
+    return [*rungs, s]
+
+
+def scale_ladder(shift: str, scale: str | Scale = "tiny", device: str = "auto",
+                 root: str = "runs") -> list[Run]:
+    """The scale study for one shift: at every rung of ``ladder_scales`` the base model, continual runs
+    with 0% and the chosen replay, and the union baseline. The top rung's runs are the replay sweep's."""
+    from cptlab.model import GPT
+
+    runs = []
+    rungs = ladder_scales(scale)
+    for rung in rungs:
+        top = rung is rungs[-1]
+        cfg = base_run(rung, 0, device).config.resolve(vocab_size=rung.vocab_size)
+        from cptlab.metrics import flops_per_token
+
+        size = {"n_params": GPT.count_params(cfg.model, non_embedding=True), "d_model": cfg.model.d_model,
+                "flops_per_token": flops_per_token(cfg.model, cfg.train.seq_len)}
+        base = base_run(rung, 0, device)
+        rung_runs = [base]
+        for frac in (0.0, CHOSEN_REPLAY[shift]):
+            experiment, name = ("replay", f"{shift}-replay{frac:g}") if top else (
+                "scales", f"{shift}-replay{frac:g}-d{cfg.model.d_model}")
+            rung_runs.append(continual_run(experiment, name, shift, rung, replay=frac, device=device,
+                                           root=root))
+        rung_runs.append(union_run(shift, rung, 0, device))
+        for run in rung_runs:
+            run.labels.update(size, rung_base_tokens=rung.base_tokens)
+        runs += rung_runs
     return runs

@@ -411,3 +411,49 @@ def boundary_jumps(df: pd.DataFrame, on: str = "d1") -> pd.DataFrame:
             v0, v1 = float(before[col].iloc[-1]), float(after[col].iloc[0])
             rows.append({**_labels_of(run), "boundary": int(b), "before": v0, "after": v1, "jump": v1 - v0})
     return pd.DataFrame(rows)
+
+
+# -- the scale study ------------------------------------------------------------------------------------
+
+SCALE_COLUMNS = ["d_model", "base tokens", "base D0", "forgetting 0%", "forgetting chosen", "avg 0%",
+                 "avg chosen", "avg union", "gap to union", "flops chosen", "flops union"]
+
+
+def scale_table(finals: pd.DataFrame, shift: str) -> pd.DataFrame:
+    """The scale study (``experiments.scale_ladder``) for one shift, one row per model size (index: its
+    non-embedding parameters): the D0 budget, the base model's D0, forgetting (D0 rise over the base of
+    the same size) at 0% and at the chosen replay, average final losses of both and of the union
+    baseline, the chosen run's gap to the union, and compute in FLOPs: the continual run's own (its new
+    tokens) and the union's (all its tokens). ``finals``: ``final_losses`` of the study's runs."""
+    from cptlab.experiments import CHOSEN_REPLAY, D0
+
+    if finals.empty or "n_params" not in finals.columns:
+        return pd.DataFrame(columns=SCALE_COLUMNS)
+    chosen = CHOSEN_REPLAY[shift]
+    rows = {}
+    for n, group in finals.groupby("n_params"):
+        row = dict.fromkeys(SCALE_COLUMNS, math.nan)
+        row["d_model"] = float(group["d_model"].iloc[0])
+        row["base tokens"] = float(group["rung_base_tokens"].iloc[0])
+        per_token = float(group["flops_per_token"].iloc[0])
+        base = group[group["role"] == "base"]
+        if len(base):
+            row["base D0"] = float(base[f"val_{D0}"].mean())
+        mine = group[group["shift"] == shift] if "shift" in group.columns else group.iloc[:0]
+        for frac, label in ((0.0, "0%"), (chosen, "chosen")):
+            found = mine[(mine["role"] == "continual") & (mine["replay"].sub(frac).abs() < 1e-12)]
+            if len(found):
+                row[f"forgetting {label}"] = float(found["D0"].mean()) - row["base D0"]
+                row[f"avg {label}"] = float(found["avg"].mean())
+                if label == "chosen":
+                    new = found["compute_tokens"] - found["switch_tokens"]
+                    row["flops chosen"] = float(new.mean()) * per_token
+        union = mine[mine["role"] == "union"]
+        if len(union):
+            row["avg union"] = float(union["avg"].mean())
+            row["flops union"] = float(union["compute_tokens"].mean()) * per_token
+        row["gap to union"] = row["avg chosen"] / row["avg union"] - 1
+        rows[int(n)] = row
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=SCALE_COLUMNS).sort_index()
+    table.index.name = "non-embedding params"
+    return table

@@ -11,6 +11,8 @@ Figure functions (PAPER.md, "Figures worth regenerating at small scale"):
        plot_paper_schedules   the paper's schedules over 3 stages: repeated cosine vs infinite / WSD
     7  plot_infinite          loss vs tokens over 3 chunks: repeated cosine vs infinite schedules
     -  plot_forgetting        D0 and D1 loss vs tokens: no replay, replay, union baseline
+    -  plot_scale_forgetting  forgetting vs model size, no replay and chosen replay (scale study)
+    -  plot_scale_compute     average final loss vs compute at each model size: continual vs union
 
 Figure 6 is drawn from schedules and lives here; the others are drawn from runs (the frames that
 ``cptlab.store.load_runs`` returns) and live in ``cptlab.figures``, re-exported here.
@@ -43,10 +45,12 @@ from cptlab.figures import (
     plot_rewarm_same_data,
     plot_warmup,
 )
+from cptlab.scale_figures import plot_scale_compute, plot_scale_forgetting
 
 __all__ = ["format_tokens", "save_figure", "schedule_curve", "plot_schedules", "plot_paper_schedules",
            "plot_compute_vs_loss", "plot_warmup", "plot_max_lr", "plot_replay_curves", "plot_replay_table",
-           "plot_rewarm_same_data", "plot_infinite", "plot_forgetting"]
+           "plot_rewarm_same_data", "plot_infinite", "plot_forgetting", "plot_scale_forgetting",
+           "plot_scale_compute"]
 
 StagePlan = Sequence[tuple[Any, int]]
 

@@ -49,7 +49,7 @@ MAX_SEEDS = 10  # seeds 0..9 of the base model and replay sweep are picked up wh
 
 YES, NO, NOT_RUN = "yes", "no", "not run"
 PAPER_RISE = M.PAPER_D0_REWARM_RISE
-EXPERIMENTS = ("base", "replay", "warmup", "max_lr", "d0_rewarm", "infinite", "compute")
+EXPERIMENTS = ("base", "replay", "warmup", "max_lr", "d0_rewarm", "infinite", "compute", "scales")
 
 
 @dataclass
@@ -61,6 +61,7 @@ class Results:
     flops_per_token: float = math.nan
     finished: int = 0  # of the distinct runs the experiments build (for the seeds found)
     expected: int = 0
+    scale: E.Scale | None = None  # the scale judged (the scale study checks that every rung was run)
     cache: dict[str, object] = field(default_factory=dict, repr=False)  # tables computed from the frames
 
     def frame(self, key: str) -> pd.DataFrame:
@@ -112,6 +113,7 @@ def _experiment_runs(s: E.Scale, root: str, device: str, seeds: tuple[int, ...])
         "d0_rewarm": E.rewarm_same_data(s, device, root),
         "infinite": E.infinite_schedules(s, device, root),
         "compute": [r for sh in shifts for r in E.compute_vs_loss(sh, s, device, root)],
+        "scales": [r for sh in shifts for r in E.scale_ladder(sh, s, device, root)],
     }
 
 
@@ -136,7 +138,7 @@ def collect_results(scale: str | E.Scale = "tiny", root: str | Path | None = Non
     resolved = root / base.experiment / base.run_id / "config.json"
     cfg = (store.RunDir(resolved.parent).load_config() if resolved.exists()
            else base.config.resolve(vocab_size=base.config.tokenizer.vocab_size))
-    return Results(frames, float(M.flops_per_token(cfg.model, cfg.train.seq_len)), finished, len(dirs))
+    return Results(frames, float(M.flops_per_token(cfg.model, cfg.train.seq_len)), finished, len(dirs), s)
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
@@ -303,6 +305,44 @@ def compute_table(res: Results, shift: str) -> pd.DataFrame:
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "run"
     return table
+
+
+def scale_table(res: Results, shift: str) -> pd.DataFrame:
+    """``metrics.scale_table`` of the scale study's runs for one shift."""
+    df = res.frame("scales")
+    return res.cached(f"scales/{shift}", lambda: M.scale_table(M.final_losses(df) if len(df) else df, shift))
+
+
+def _scale_rows(res: Results, shift: str, cols: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """The scale table and what is missing from it (every rung of the ladder, every column in ``cols``)."""
+    table = scale_table(res, shift)
+    expected = len(E.ladder_scales(res.scale)) if res.scale is not None else 0
+    missing = [f"{len(table)} of {expected} model sizes"] if len(table) < expected or table.empty else []
+    for col in cols:
+        if len(table) and table[col].isna().any():
+            missing.append(col)
+    return table, missing
+
+
+def judge_scale_replay(res: Results, shift: str, tol: float = NOISE_TOL) -> tuple[str, str]:
+    """Scale study, for one shift: replay reduces forgetting at every size; see ``FINDINGS``."""
+    table, missing = _scale_rows(res, shift, ["forgetting 0%", "forgetting chosen"])
+    if missing:
+        return NOT_RUN, f"missing {', '.join(missing)}"
+    ok = ((table["forgetting 0%"] > tol) & (table["forgetting chosen"] < table["forgetting 0%"] - tol)).all()
+    text = "; ".join(f"{n:,} params: D0 rise {_f(r['forgetting 0%'], True)} at 0%, "
+                     f"{_f(r['forgetting chosen'], True)} at {M.replay_label(E.CHOSEN_REPLAY[shift])}"
+                     for n, r in table.iterrows())
+    return (YES if ok else NO), text + " (paper: +0.27 -> +0.06 at 405M, +0.23 -> +0.07 at 10B, weak)"
+
+
+def judge_scale_union(res: Results, shift: str, tol: float = UNION_TOL) -> tuple[str, str]:
+    """Scale study, for one shift: continual + chosen replay within ``tol`` of the union at every size."""
+    table, missing = _scale_rows(res, shift, ["avg chosen", "avg union"])
+    if missing:
+        return NOT_RUN, f"missing {', '.join(missing)}"
+    text = "; ".join(f"{n:,} params: {r['gap to union']:+.1%}" for n, r in table.iterrows())
+    return (YES if (table["gap to union"] <= tol).all() else NO), text + f" (limit +{tol:.0%})"
 
 
 # -- the rules ----------------------------------------------------------------------------------------------
@@ -512,6 +552,15 @@ FINDINGS: list[Finding] = [
             f"union's while its own tokens (beyond the shared D0 base model) are at most "
             f"{COMPUTE_RATIO:.0%} of the union's; unions at 1.5x and 2x show the rest of the union's curve",
             ("06_compute",), ("compute",), _per_shift(judge_compute)),
+    Finding("scale-replay", "Replay reduces forgetting at every model size", "405M and 10B, weak shift",
+            f"per shift, at every size of the scale study, D0 rise at 0% replay > {NOISE_TOL} and the chosen "
+            f"replay's D0 rise is below it by more than {NOISE_TOL}", ("07_scales",), ("scale_forgetting",),
+            _per_shift(judge_scale_replay)),
+    Finding("scale-union", "Continual + chosen replay stays close to the union baseline at every model size",
+            "405M and 10B (10B weak: avg 1.89 vs 1.87)",
+            f"per shift, at every size of the scale study, the chosen replay run's average final loss is at "
+            f"most {UNION_TOL:.0%} above the union's of the same size", ("07_scales",), ("scale_compute",),
+            _per_shift(judge_scale_union)),
 ]
 
 
@@ -628,6 +677,10 @@ def render_report(res: Results, out_dir: str | Path, scale: str = "", root: str 
         table = compute_table(res, shift)
         shown = md_table(table.drop(columns=["role", "replay"], errors="ignore")) if len(table) else "not run"
         lines += [f"### Compute vs average loss, {shift} shift", "", shown, ""]
+    for shift in E.SHIFTS:
+        table = scale_table(res, shift)
+        lines += [f"### Scale study, {shift} shift (forgetting = D0 rise over the same size's base model)",
+                  "", md_table(table) if len(table) else "not run", ""]
 
     lines += ["## Rules", "", "Final loss = mean of the last 2 evaluations of a run's last stage; means "
               "over seeds where several ran; unfinished runs are ignored; a rule missing a run says "

@@ -14,6 +14,7 @@ def all_runs(scale: str, root: str) -> list[E.Run]:
     for shift in E.SHIFTS:
         runs += E.replay_sweep(shift, scale, root=root) + E.max_lr_ablation(shift, scale, root=root)
         runs += E.compute_vs_loss(shift, scale, root=root)
+        runs += E.scale_ladder(shift, scale, root=root)
     return runs + E.warmup_ablation("weak", scale, root=root) + E.rewarm_same_data(scale, root=root) \
         + E.infinite_schedules(scale, root=root)
 
@@ -35,6 +36,25 @@ def test_shared_runs_share_a_directory(tmp_path):
     assert one_percent.run_id in sweep and one_x[0].run_id in sweep
     assert runner.run_dir(one_percent, root) == runner.run_dir(sweep[one_percent.run_id], root)
     assert len({r.run_id for r in warm}) == 4
+
+
+@pytest.mark.parametrize("scale", ["tiny", "small"])
+def test_scale_ladder_is_4x_apart_with_sqrt_token_budgets_and_shares_the_top_rung(scale, tmp_path):
+    root = str(tmp_path)
+    s = E.SCALES[scale]
+    runs = E.scale_ladder("strong", scale, root=root)
+    bases = [r for r in runs if r.labels["role"] == "base"]
+    sizes = [r.labels["n_params"] for r in bases]
+    assert len(bases) == len(s.ladder) + 1 >= 3 and sizes == sorted(sizes)
+    for small, big, b_small, b_big in zip(sizes, sizes[1:], bases, bases[1:]):
+        assert 3.5 < big / small < 4.5  # 4x apart in non-embedding parameters
+        ratio = b_small.config.stages[0].tokens / b_big.config.stages[0].tokens
+        assert ratio == pytest.approx((small / big) ** 0.5, rel=0.02)  # tokens ~ sqrt(N)
+    top = [r for r in runs if r.labels["n_params"] == sizes[-1]]
+    sweep = {r.run_id for r in E.replay_sweep("strong", scale, root=root)}
+    assert {r.run_id for r in top if r.labels["role"] != "base"} <= sweep  # the replay sweep's own runs
+    assert bases[-1].run_id == E.base_run(scale).run_id
+    assert len({r.run_id for r in runs}) == len(runs)  # smaller rungs never collide with each other
 
 
 def test_any_change_makes_a_new_hash(tmp_path):

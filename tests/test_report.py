@@ -143,13 +143,13 @@ def changed(res: R.Results, key: str, name: str, column: str, delta: float = 0.0
         last = df[rows].sort_values("step").index[-1]
         rows = df.index == last
     df.loc[rows, column] = value if value is not None else df.loc[rows, column] + delta
-    return R.Results(frames, res.flops_per_token)
+    return R.Results(frames, res.flops_per_token, scale=res.scale)
 
 
 def dropped(res: R.Results, key: str, name: str) -> R.Results:
     frames = {k: df.copy() for k, df in res.frames.items()}
     frames[key] = frames[key][frames[key]["name"] != name]
-    return R.Results(frames, res.flops_per_token)
+    return R.Results(frames, res.flops_per_token, scale=res.scale)
 
 
 def verdict(res: R.Results, key: str) -> R.Verdict:
@@ -195,6 +195,8 @@ def test_replay_table_from_the_store_averages_the_seeds(good):
     ("d0-rewarm", ("d0_rewarm", "d0-maxlr1x", "val_en-man", -0.2)),  # never rises above the start
     ("infinite", ("infinite", "anneal-wsd-chunk2", "val_en-pydoc", 0.2)),
     ("compute", ("compute", "weak-replay0.05", "val_en-pydoc", 0.5)),
+    ("scale-replay", ("scales", "weak-replay0.05-d16", "val_en-man", 0.5)),  # replay forgets more
+    ("scale-union", ("scales", "strong-replay0.25-d16", "val_en-man", 1.0)),  # far above the union
 ])
 def test_broken_finding_says_no(good, key, change):
     assert verdict(changed(good, *change), key).status == "no"
@@ -241,6 +243,18 @@ def test_missing_runs_say_not_run(good):
     assert verdict(dropped(good, "infinite", "anneal-wsd-chunk3"), "infinite").status == "not run"
     assert verdict(dropped(good, "warmup", "weak-warmup0.02"), "warmup").status == "not run"
     assert verdict(dropped(good, "max_lr", "weak-constant-min"), "max-lr").status == "not run"
+    assert verdict(dropped(good, "scales", "weak-replay0-d16"), "scale-replay").status == "not run"
+
+
+def test_scale_study_table_and_a_missing_size(good):
+    table = R.scale_table(good, "weak")
+    assert list(table["d_model"]) == [16, 32]  # the smoke ladder's rung, then the smoke model
+    assert table["forgetting 0%"].tolist() == pytest.approx([0.2, 0.2])
+    assert (table["base tokens"].iloc[0] < table["base tokens"].iloc[1])
+    frames = {k: df.copy() for k, df in good.frames.items()}
+    frames["scales"] = frames["scales"][frames["scales"]["d_model"] != 16]  # a whole size not run
+    v = verdict(R.Results(frames, good.flops_per_token, scale=good.scale), "scale-union")
+    assert v.status == "not run" and "1 of 2 model sizes" in v.measured
 
 
 def test_a_failing_shift_says_no_even_when_the_other_is_missing(good):
@@ -326,3 +340,21 @@ def test_partial_results_never_crash(good):
     assert {v.status for _, v in verdicts} == {"not run"}
     assert not any("could not judge" in v.measured for _, v in verdicts)
     assert "| **not run** |" in R.render_report(only_base, ".", verdicts=verdicts)
+
+
+def test_scale_study_figures_draw_every_size(good):
+    from cptlab import plots
+
+    finals = metrics.final_losses(good.frame("scales"))
+    fig = plots.plot_scale_forgetting(finals)
+    assert [ax.get_title() for ax in fig.axes] == ["weak shift (en-man -> en-pydoc)",
+                                                   "strong shift (en-man -> de-man)"]
+    no_replay, replay = fig.axes[0].get_lines()[:2]
+    assert no_replay.get_ydata().tolist() == pytest.approx([0.2, 0.2])  # FORGET["weak"] at both sizes
+    assert replay.get_ydata().tolist() == pytest.approx([0.2 * 0.9, 0.2 * 0.9])  # 5% replay
+    fig = plots.plot_scale_compute(good.frame("scales"))  # eval lines work too
+    union, continual = fig.axes[1].get_lines()[:2]
+    assert len(union.get_xdata()) == 2 and union.get_xdata()[0] < union.get_xdata()[1]
+    assert (continual.get_xdata() < union.get_xdata()).all()  # the continual run pays only for its stage
+    empty = plots.plot_scale_forgetting(pd.DataFrame())
+    assert "no runs" in empty.axes[0].get_title()
