@@ -39,6 +39,27 @@ def _closure(runs: list[Run], root: str | Path) -> list[Run]:
     return list(seen.values())
 
 
+def _critical_paths(runs: list[Run]) -> dict[str, int]:
+    """run_id -> the tokens of the longest chain of runs that starts with it (itself and the runs that
+    start from it, transitively). Starting the runs with the longest chains first keeps every worker busy
+    until the end instead of leaving one long run alone at the tail."""
+    dependents: dict[str, list[Run]] = {r.run_id: [] for r in runs}
+    for run in runs:
+        for need in run.needs:
+            dependents.setdefault(need.run_id, []).append(run)
+    paths: dict[str, int] = {}
+
+    def path(run: Run) -> int:
+        if run.run_id not in paths:
+            own = sum(stage.tokens for stage in run.config.stages)
+            paths[run.run_id] = own + max((path(d) for d in dependents[run.run_id]), default=0)
+        return paths[run.run_id]
+
+    for run in runs:
+        path(run)
+    return paths
+
+
 def default_workers(device: str = "auto") -> int:
     """Two side-by-side processes on a CPU with at least two cores, else one."""
     import torch
@@ -92,7 +113,8 @@ def run_all(runs: list[Run], root: str | Path = "runs", workers: int | None = No
         # beat one two-thread training, and one thread per core stays fast when the machine is busy
         # (OpenMP threads that wait for a core that is taken slow a step down many times).
         running: dict[Future, tuple[Run, float]] = {}
-        waiting = list(pending)
+        paths = _critical_paths(pending)
+        waiting = sorted(pending, key=lambda r: -paths[r.run_id])  # stable: ties keep the given order
         with ThreadPoolExecutor(workers) as pool:
             while waiting or running:
                 for run in [r for r in waiting if any(n.run_id in failed for n in r.needs)]:

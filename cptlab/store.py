@@ -197,8 +197,12 @@ def load_runs(runs: list, root: str | Path = "runs"):
     import pandas as pd
 
     frames = []
+    seen = set()
     for run in runs:
         path = Path(root) / run.experiment / run.run_id
+        if path in seen:  # listed twice (e.g. the base model of each shift's ladder): its lines once
+            continue
+        seen.add(path)
         df = eval_frame(path, {"experiment": run.experiment, "name": run.name, **run.labels})
         if len(df):
             frames.append(df)

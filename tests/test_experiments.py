@@ -47,7 +47,7 @@ def test_scale_ladder_is_4x_apart_with_sqrt_token_budgets_and_shares_the_top_run
     sizes = [r.labels["n_params"] for r in bases]
     assert len(bases) == len(s.ladder) + 1 >= 3 and sizes == sorted(sizes)
     for small, big, b_small, b_big in zip(sizes, sizes[1:], bases, bases[1:]):
-        assert 3.5 < big / small < 4.5  # 4x apart in non-embedding parameters
+        assert 1.5 < big / small < 4.5  # 2x (tiny) to 4x (small) apart in non-embedding parameters
         ratio = b_small.config.stages[0].tokens / b_big.config.stages[0].tokens
         assert ratio == pytest.approx((small / big) ** 0.5, rel=0.02)  # tokens ~ sqrt(N)
     top = [r for r in runs if r.labels["n_params"] == sizes[-1]]
@@ -70,6 +70,18 @@ def test_unknown_scale_is_named():
         E.base_run("huge")
 
 
+def test_runner_starts_the_longest_chains_first(tmp_path):
+    s = E.SCALES["smoke"]
+    runs = runner._closure([E.union_run("weak", "smoke"), *E.infinite_schedules("smoke", root=str(tmp_path)),
+                            E.continual_run("replay", "r", "weak", "smoke", root=str(tmp_path))], tmp_path)
+    paths = runner._critical_paths(runs)
+    base = E.base_run("smoke")
+    assert paths[base.run_id] == s.base_tokens + s.new_tokens  # the base model, then a continual run
+    assert paths[E.union_run("weak", "smoke").run_id] == s.base_tokens + s.new_tokens
+    wsd = next(r for r in runs if r.name == "sched-wsd")
+    assert paths[wsd.run_id] > 3 * s.chunk_tokens  # its annealing branches come after it
+
+
 def test_runner_trains_needs_first_then_reuses_everything(tmp_path):
     root = tmp_path / "runs"
     runs = [E.continual_run("replay", "weak-replay0.25", "weak", "smoke", replay=0.25, root=str(root))]
@@ -82,6 +94,7 @@ def test_runner_trains_needs_first_then_reuses_everything(tmp_path):
     assert logs == []  # nothing to do: no line, no training
     df = store.load_runs(runs, root)
     assert set(df["name"]) == {"weak-replay0.25"} and df["tokens"].iloc[0] == E.SCALES["smoke"].base_tokens
+    assert store.load_runs([*runs, *runs], root).equals(df)  # a run listed twice is read once
     everything = store.load_experiment(root)
     assert set(everything["experiment"]) == {"base", "replay"}
     assert {"val_en-man", "val_en-pydoc", "replay", "shift", "run_id"} <= set(everything.columns)
