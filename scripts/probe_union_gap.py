@@ -3,7 +3,7 @@ committing a whole reproduction to it: trains the base model, 0% and chosen repl
 union baselines, then prints final losses and each chosen run's gap to its union.
 
     python scripts/probe_union_gap.py --scale tiny --base-tokens 1500000 --new-tokens 1500000 \\
-        [--vocab-size 2048] [--n-layer 3] [--d-model 128] [--root runs/probe]
+        [--vocab-size 2048] [--n-layer 3] [--d-model 128] [--max-lr 1e-3 --min-lr 1e-4] [--root runs/probe]
 
 Runs go to the run store under ``--root``, so a second call with the same settings only reports.
 """
@@ -26,13 +26,16 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int)
     parser.add_argument("--n-layer", type=int)
     parser.add_argument("--d-model", type=int)
+    parser.add_argument("--max-lr", type=float)
+    parser.add_argument("--min-lr", type=float)
     parser.add_argument("--root", default="runs/probe")
     parser.add_argument("--workers", type=int)
     args = parser.parse_args()
 
     s = E.get_scale(args.scale)
     fields = {k: v for k, v in (("base_tokens", args.base_tokens), ("new_tokens", args.new_tokens),
-                                ("vocab_size", args.vocab_size)) if v is not None}
+                                ("vocab_size", args.vocab_size), ("max_lr", args.max_lr),
+                                ("min_lr", args.min_lr)) if v is not None}
     model = {k: v for k, v in (("n_layer", args.n_layer), ("d_model", args.d_model)) if v is not None}
     s = dataclasses.replace(s, model_overrides=tuple(sorted(model.items())), **fields)
     runs = []
