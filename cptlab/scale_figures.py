@@ -38,7 +38,7 @@ def plot_scale_forgetting(df: pd.DataFrame, axes: AxesArg = None) -> Figure:
         x = table.index.to_numpy(dtype=float)
         chosen = M.replay_label(E.CHOSEN_REPLAY[shift])
         for i, (col, label) in enumerate((("forgetting 0%", "no replay"),
-                                          ("forgetting chosen", f"{chosen} replay"))):
+                                          ("forgetting chosen", "chosen replay"))):
             ax.plot(x, table[col].to_numpy(dtype=float), marker=MARKERS[i], label=label)
             plotted = plotted or bool(np.isfinite(table[col]).any())
         ax.axhline(0.0, color="0.5", linewidth=0.8)
@@ -47,7 +47,7 @@ def plot_scale_forgetting(df: pd.DataFrame, axes: AxesArg = None) -> Figure:
         ax.minorticks_off()
         ax.set_xlabel("non-embedding parameters")
         ax.set_ylabel(f"forgetting: D0 loss rise ({E.D0})")
-        ax.set_title(f"{shift} shift ({E.D0} -> {E.SHIFTS[shift]})")
+        ax.set_title(f"{shift} shift ({E.D0} -> {E.SHIFTS[shift]}), chosen replay {chosen}")
     return _finish(fig, axs, own, "Forgetting against model size", [] if tables else ["no runs"], plotted)
 
 
@@ -62,7 +62,7 @@ def plot_scale_compute(df: pd.DataFrame, axes: AxesArg = None) -> Figure:
         chosen = M.replay_label(E.CHOSEN_REPLAY[shift])
         series: list[tuple[str, str, dict[str, Any]]] = [
             ("flops union", "avg union", {"label": "union baseline", "marker": "s", **UNION_STYLE}),
-            ("flops chosen", "avg chosen", {"label": f"continual, {chosen} replay", "marker": "o"})]
+            ("flops chosen", "avg chosen", {"label": "continual, chosen replay", "marker": "o"})]
         for x_col, y_col, style in series:
             x, y = table[x_col].to_numpy(dtype=float), table[y_col].to_numpy(dtype=float)
             ax.plot(x, y, **style)
@@ -74,6 +74,6 @@ def plot_scale_compute(df: pd.DataFrame, axes: AxesArg = None) -> Figure:
         ax.set_xscale("log")
         ax.set_xlabel("compute (FLOPs)")
         ax.set_ylabel("average final validation loss (D0, D1)")
-        ax.set_title(f"{shift} shift ({E.D0} -> {E.SHIFTS[shift]})")
+        ax.set_title(f"{shift} shift ({E.D0} -> {E.SHIFTS[shift]}), chosen replay {chosen}")
     return _finish(fig, axs, own, "Compute vs average final loss at each model size",
                    [] if tables else ["no runs"], plotted)

@@ -347,8 +347,8 @@ def test_scale_study_figures_draw_every_size(good):
 
     finals = metrics.final_losses(good.frame("scales"))
     fig = plots.plot_scale_forgetting(finals)
-    assert [ax.get_title() for ax in fig.axes] == ["weak shift (en-man -> en-pydoc)",
-                                                   "strong shift (en-man -> de-man)"]
+    assert [ax.get_title() for ax in fig.axes] == ["weak shift (en-man -> en-pydoc), chosen replay 5%",
+                                                   "strong shift (en-man -> de-man), chosen replay 25%"]
     no_replay, replay = fig.axes[0].get_lines()[:2]
     assert no_replay.get_ydata().tolist() == pytest.approx([0.2, 0.2])  # FORGET["weak"] at both sizes
     assert replay.get_ydata().tolist() == pytest.approx([0.2 * 0.9, 0.2 * 0.9])  # 5% replay
