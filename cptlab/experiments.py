@@ -10,18 +10,18 @@ How the scales were chosen (DESIGN.md, "A measured starting point for tiny"):
 - ``smoke``: the smallest model and budgets that exercise every code path in seconds; no science.
 - ``tiny``: 3 layers x 4 heads x 128 dims (595k non-embedding parameters), BPE vocab 2048, sequences of
   128, batches of 32, max LR 3e-3 (min 3e-4) with ablations at 1.5e-3 and 6e-3. DESIGN.md's model had 4
-  layers and vocab 4096; with both, one training step ran at 14.3k tokens/s on one core and the ~31M
+  layers and vocab 4096; with both, one training step ran at 15.0k tokens/s on one core and the ~31M
   tokens of the reproduction needed ~18 minutes of two cores before any notebook ran. 3 layers and vocab
-  2048 run at 21.7k tokens/s (``benchmarks/throughput.py --n-layer 3 --d-model 128 --seq-len 128
-  --batch-size 32 --vocab-size 2048 --threads 1``), which fits the 20-minute budget. The D0 base model is
-  trained on B0 = 2M tokens (B0 = 1M was too undertrained: findings broke there) and each continual run
-  on B1 = 0.75M tokens; the union baseline sees B0 + B1 tokens mixed in proportion; the infinite-schedule
-  chunks are 250k tokens. Evaluation: 8 times a stage on 12k tokens per set (a forward pass runs at ~58k
-  tokens/s, so this is still ~7% of a continual run; every comparison is on the same tokens).
-  At this size continual + chosen replay does not come within 3% of the union
-  (``scripts/probe_union_gap.py`` measures the gap: it stays above 3% even at B1 = B0 = 1.5M, because
-  the union's longer schedule trains the small model's D0 loss 0.2-0.3 below the base model's on the
-  same D0 tokens; see README).
+  2048 run at 22.0k tokens/s (``benchmarks/throughput.py --n-layer 3 --d-model 128 --seq-len 128
+  --batch-size 32 --vocab-size 2048 --threads 1 --no-reference``), which fits the 20-minute budget. The D0
+  base model is trained on B0 = 2M tokens (B0 = 1M was too undertrained: findings broke there) and each
+  continual run on B1 = 0.75M tokens; the union baseline sees B0 + B1 tokens mixed in proportion; the
+  infinite-schedule chunks are 250k tokens. Evaluation: 8 times a stage on 12k tokens per set (a forward
+  pass runs at ~58k tokens/s, so this is still ~7% of a continual run; every comparison is on the same
+  tokens). At this size continual + chosen replay does not come within 3% of the union
+  (``scripts/probe_union_gap.py`` measures the gap: it stays above 3% even at B1 = B0 = 1.5M, because the
+  union's longer schedule trains the small model's D0 loss 0.2-0.3 below the base model's on the same D0
+  tokens; see README).
 - ``small``: the same recipe on one GPU, 8 layers x 512 dims, 16x the tokens.
 
 The scale study (``scale_ladder``) trains smaller models of the same shape: the scale's ``ladder`` of
@@ -29,7 +29,7 @@ widths, each with token budgets scaled by sqrt(N / N_scale) in non-embedding par
 tokens per 4x fewer parameters: between the paper's one budget for 405M and 10B and a
 tokens-per-parameter rule, whose smallest rung would be a few dozen steps). The widest rung is the
 scale's own model, whose runs are the replay sweep's and the union's. At ``tiny`` the rungs are ~2x
-apart (d_model 64, 96, 128: 150k, 332k, 595k): a first ladder 4x apart went down to d_model 32 (38k
+apart (d_model 64, 96, 128: 150k, 336k, 595k): a first ladder 4x apart went down to d_model 32 (38k
 parameters, fewer than its embeddings), a model too small to forget anything on the weak shift (D0 rise
 -0.02 without replay), which says nothing about the paper's claim. ``small`` climbs 4x apart.
 """
@@ -351,22 +351,21 @@ def scale_ladder(shift: str, scale: str | Scale = "tiny", device: str = "auto",
                  root: str = "runs") -> list[Run]:
     """The scale study for one shift: at every rung of ``ladder_scales`` the base model, continual runs
     with 0% and the chosen replay, and the union baseline. The top rung's runs are the replay sweep's."""
+    from cptlab.metrics import flops_per_token
     from cptlab.model import GPT
 
     runs = []
     rungs = ladder_scales(scale)
     for rung in rungs:
         top = rung is rungs[-1]
-        cfg = base_run(rung, 0, device).config.resolve(vocab_size=rung.vocab_size)
-        from cptlab.metrics import flops_per_token
-
-        size = {"n_params": GPT.count_params(cfg.model, non_embedding=True), "d_model": cfg.model.d_model,
-                "flops_per_token": flops_per_token(cfg.model, cfg.train.seq_len)}
         base = base_run(rung, 0, device)
+        model = base.config.resolve(vocab_size=rung.vocab_size).model
+        size = {"n_params": GPT.count_params(model, non_embedding=True), "d_model": model.d_model,
+                "flops_per_token": flops_per_token(model, rung.seq_len)}
         rung_runs = [base]
         for frac in (0.0, CHOSEN_REPLAY[shift]):
             experiment, name = ("replay", f"{shift}-replay{frac:g}") if top else (
-                "scales", f"{shift}-replay{frac:g}-d{cfg.model.d_model}")
+                "scales", f"{shift}-replay{frac:g}-d{model.d_model}")
             rung_runs.append(continual_run(experiment, name, shift, rung, replay=frac, device=device,
                                            root=root))
         rung_runs.append(union_run(shift, rung, 0, device))
