@@ -44,6 +44,9 @@ SHIPPED: dict[str, dict[str, str]] = {
                      description="reStructuredText sources of the Python documentation"),
     "de-man": dict(language="de", domain="manual pages",
                    description="German manual pages (Debian manpages-de), rendered to plain text"),
+    "en-docs": dict(language="en", domain="software documentation",
+                    description="Python documentation and manual pages of other programs than en-man's, "
+                                "half and half (the weak shift's new data)"),
 }
 
 # Validation split: 5% of documents, topped up towards ~100k tokens (~400k characters at ~4 characters

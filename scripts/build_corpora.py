@@ -1,4 +1,4 @@
-"""Build the shipped corpora `en-man`, `de-man` and `en-pydoc` from installed Debian packages.
+"""Build the shipped corpora `en-man`, `de-man`, `en-pydoc` and `en-docs` from installed Debian packages.
 
 Run from the repository root (Debian 12 with `manpages manpages-de python3.11-doc man-db` installed):
 
@@ -11,6 +11,12 @@ Sources:
   5,000,000 bytes of UTF-8 text.
 - `en-pydoc`: the reStructuredText sources of the Python 3.11 documentation (python3.11-doc ships them as
   /usr/share/doc/python3.11/html/_sources/**/*.rst.txt).
+- `en-docs`: English software documentation mixed from two halves of about 5,000,000 bytes each: pages of
+  en-pydoc, and the English manual pages (sections 1, 4, 5, 7, 8) of installed Debian packages that en-man
+  does not hold; no document above 100,000 characters. Each half takes documents in the order of the
+  sha256 of their title until it is full, and the two halves are interleaved in that order. It is the
+  weak shift's new data: like SlimPajama after the Pile in the paper, it shares part of its sources'
+  kind with the old data (manual pages) and brings a new domain (Python documentation).
 
 Man pages are rendered with `man --nh --nj -l FILE | col -bx` under a fixed environment (LC_ALL=C.UTF-8,
 MANWIDTH=80): no hyphenation and no justification, so no word is split by the typesetter and no spaces are
@@ -53,6 +59,10 @@ EN_FILL_PACKAGES = ("manpages", "manpages-dev")
 TOOL_PACKAGES = ("man-db", "groff-base", "bsdextrautils", "liblzma5")
 
 EN_MIN_BYTES = 5_000_000
+DOCS_HALF_BYTES = 5_000_000  # each half of en-docs
+DOCS_MAX_CHARS = 100_000  # longer documents (cmake-modules.7 has 700k characters) would crowd out the rest
+DOCS_MAN_SECTIONS = ("man1", "man4", "man5", "man7", "man8")  # sections 2 and 3 are the C API (manpages-dev)
+DOCS_EXCLUDED_PACKAGES = ("google-cloud-cli",)  # ~16,600 generated pages of one command
 MAX_XZ_BYTES = 3_000_000
 XZ_PRESET = 9
 SEPARATOR = "\n\x1e\n"
@@ -218,6 +228,35 @@ def en_man_candidates(de_sources: list[Source]) -> tuple[list[Source], list[Sour
         if path not in taken
     ]
     return translated, fill
+
+
+def other_man_sources(en: Corpus) -> list[Source]:
+    """English man pages of installed packages in DOCS_MAN_SECTIONS that en-man does not hold."""
+    owners = {
+        path: package
+        for path, package in _package_owners(str(MAN_ROOT / "man?" / "*")).items()
+        if path.parent.name in DOCS_MAN_SECTIONS and package not in DOCS_EXCLUDED_PACKAGES
+    }
+    taken = {src.doc_id for src, _ in en.documents}
+    pages = [p for p in _real_man_pages(owners) if _man_id(p) not in taken]
+    return [Source(_man_id(p), p, owners[p], "man") for p in pages]
+
+
+def _mix_key(item: tuple[Source, str]) -> bytes:
+    return hashlib.sha256(item[0].doc_id.encode()).digest()
+
+
+def docs_half(documents: list[tuple[Source, str]]) -> list[tuple[Source, str]]:
+    """Documents of at most DOCS_MAX_CHARS in the order of the hash of their title, until the half holds
+    DOCS_HALF_BYTES of text."""
+    half, size = [], 0
+    for src, body in sorted(documents, key=_mix_key):
+        if size >= DOCS_HALF_BYTES:
+            break
+        if len(body) <= DOCS_MAX_CHARS:
+            half.append((src, body))
+            size += len(body.encode())
+    return half
 
 
 def pydoc_sources() -> list[Source]:
@@ -418,8 +457,15 @@ def write_sources_md(out: Path, corpora: list[Corpus]) -> None:
         "  shipped by other packages (apt, dpkg, ...) are not included.",
         "- `en-pydoc`: the reStructuredText sources of the Python 3.11 documentation",
         "  (/usr/share/doc/python3.11/html/_sources/**/*.rst.txt, shipped by python3.11-doc).",
-        "- Documents appear in that order (sorted by path within each group). A corpus above 3,000,000",
-        "  compressed bytes would keep the longest prefix of documents that fits (the last column).",
+        "- `en-docs`: English software documentation, the weak shift's new data: two halves of about",
+        f"  {DOCS_HALF_BYTES:,} bytes, pages of en-pydoc and English manual pages (sections",
+        f"  {', '.join(d[3:] for d in DOCS_MAN_SECTIONS)}) of installed packages that en-man does not hold "
+        f"(none of {', '.join(DOCS_EXCLUDED_PACKAGES)}),",
+        f"  each document at most {DOCS_MAX_CHARS:,} characters; each half takes documents in the order of",
+        "  the sha256 of their title, and the halves are interleaved in that order.",
+        "- Documents appear in that order (sorted by path within each group; en-docs as said above). A",
+        "  corpus above 3,000,000 compressed bytes would keep the longest prefix of documents that fits",
+        "  (the last column).",
         "",
         "## Packages, versions and licences",
         "",
@@ -427,7 +473,7 @@ def write_sources_md(out: Path, corpora: list[Corpus]) -> None:
         "full terms). The corpora are derived from these works and stay under their licences, which differ",
         "from this project's.",
         "",
-        "| package | version | documents (en-man / de-man / en-pydoc) | licences |",
+        "| package | version | documents (en-man / de-man / en-pydoc / en-docs) | licences |",
         "|---|---|---|---|",
     ]
     for package in packages:
@@ -472,7 +518,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def build(out: Path, workers: int) -> list[Corpus]:
-    """Build the three corpora into `out` and write SOURCES.md."""
+    """Build the four corpora into `out` and write SOURCES.md."""
     out.mkdir(parents=True, exist_ok=True)
     de_sources = de_man_sources()
     translated, fill = en_man_candidates(de_sources)
@@ -494,7 +540,13 @@ def build(out: Path, workers: int) -> list[Corpus]:
     py = Corpus("en-pydoc")
     add_documents(py, py_sources, load_all(py_sources, workers))
 
-    corpora = [en, de, py]
+    man_sources = other_man_sources(en)
+    man_docs = list(zip(man_sources, load_all(man_sources, workers)))
+    mixed = sorted(docs_half(py.documents) + docs_half([d for d in man_docs if d[1].strip()]), key=_mix_key)
+    docs = Corpus("en-docs")
+    add_documents(docs, [src for src, _ in mixed], [body for _, body in mixed])
+
+    corpora = [en, de, py, docs]
     for corpus in corpora:
         compress_with_cap(corpus)
         _write_atomic(out / f"{corpus.name}.txt.xz", corpus.compressed)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 CORPORA_DIR = Path(__file__).resolve().parents[1] / "cptlab" / "corpora"
-NAMES = ["en-man", "de-man", "en-pydoc"]
+NAMES = ["en-man", "de-man", "en-pydoc", "en-docs"]
 SEPARATOR = "\n\x1e\n"
 MAX_XZ_BYTES = 3_000_000
 
@@ -22,7 +22,7 @@ def documented_counts() -> dict[str, int]:
     """Document counts per corpus, read from the table in SOURCES.md."""
     counts = {}
     for line in (CORPORA_DIR / "SOURCES.md").read_text(encoding="utf-8").splitlines():
-        match = re.match(r"\| (en-man|de-man|en-pydoc) \| (\d+) \|", line)
+        match = re.match(r"\| (en-man|de-man|en-pydoc|en-docs) \| (\d+) \|", line)
         if match:
             counts[match.group(1)] = int(match.group(2))
     return counts
@@ -64,6 +64,18 @@ def test_corpus_format(name: str) -> None:
 
 def test_en_man_holds_at_least_5_mb() -> None:
     assert len(SEPARATOR.join(read_documents("en-man")).encode("utf-8")) >= 5_000_000
+
+
+def test_en_docs_mixes_python_docs_with_man_pages_that_en_man_lacks() -> None:
+    """The weak shift's new data: about half Python documentation, half other programs' manual pages."""
+    en_man = {doc.partition("\n")[0] for doc in read_documents("en-man")}
+    docs = read_documents("en-docs")
+    pydoc = [d for d in docs if d.partition("\n")[0].endswith(".rst")]
+    man = [d for d in docs if not d.partition("\n")[0].endswith(".rst")]
+    share = sum(map(len, pydoc)) / sum(map(len, docs))
+    assert 0.4 < share < 0.6
+    assert not en_man & {d.partition("\n")[0] for d in man}
+    assert max(len(d.partition("\n")[2]) for d in docs) <= 100_000
 
 
 @pytest.mark.slow
