@@ -23,7 +23,7 @@ stages:
     schedule: {kind: cosine, max_lr: 3.0e-3, min_lr: 3.0e-4, warmup: 0.01}
     reset_optimizer: true
 """
-KNOWN = ["en-man", "en-pydoc", "de-man"]
+KNOWN = ["en-man", "en-pydoc", "de-man", "en-docs"]
 
 
 @pytest.fixture

@@ -39,7 +39,9 @@ def test_shared_runs_share_a_directory(tmp_path):
 
 
 @pytest.mark.parametrize("scale", ["tiny", "small"])
-def test_scale_ladder_is_4x_apart_with_sqrt_token_budgets_and_shares_the_top_rung(scale, tmp_path):
+def test_scale_ladder_spacing_token_budgets_and_shared_top_rung(scale, tmp_path):
+    """Rungs 2x (tiny) to 4x (small) apart; budgets ~ N ** ladder_token_power (tiny: one budget, small:
+    sqrt(N)); the top rung is the scale's own model and reuses the replay sweep's runs."""
     root = str(tmp_path)
     s = E.SCALES[scale]
     runs = E.scale_ladder("strong", scale, root=root)
@@ -47,9 +49,10 @@ def test_scale_ladder_is_4x_apart_with_sqrt_token_budgets_and_shares_the_top_run
     sizes = [r.labels["n_params"] for r in bases]
     assert len(bases) == len(s.ladder) + 1 >= 3 and sizes == sorted(sizes)
     for small, big, b_small, b_big in zip(sizes, sizes[1:], bases, bases[1:]):
-        assert 1.5 < big / small < 4.5  # 2x (tiny) to 4x (small) apart in non-embedding parameters
+        assert 1.5 < big / small < 4.5  # in non-embedding parameters
         ratio = b_small.config.stages[0].tokens / b_big.config.stages[0].tokens
-        assert ratio == pytest.approx((small / big) ** 0.5, rel=0.02)  # tokens ~ sqrt(N)
+        assert ratio == pytest.approx((small / big) ** s.ladder_token_power, rel=0.02)
+    assert E.SCALES["tiny"].ladder_token_power == 0.0 and E.SCALES["small"].ladder_token_power == 0.5
     top = [r for r in runs if r.labels["n_params"] == sizes[-1]]
     sweep = {r.run_id for r in E.replay_sweep("strong", scale, root=root)}
     assert {r.run_id for r in top if r.labels["role"] != "base"} <= sweep  # the replay sweep's own runs
@@ -97,7 +100,7 @@ def test_runner_trains_needs_first_then_reuses_everything(tmp_path):
     assert store.load_runs([*runs, *runs], root).equals(df)  # a run listed twice is read once
     everything = store.load_experiment(root)
     assert set(everything["experiment"]) == {"base", "replay"}
-    assert {"val_en-man", "val_en-pydoc", "replay", "shift", "run_id"} <= set(everything.columns)
+    assert {"val_en-man", "val_en-docs", "replay", "shift", "run_id"} <= set(everything.columns)
 
 
 @pytest.mark.slow

@@ -14,8 +14,8 @@ from cptlab import report as R
 from cptlab.runner import run_dir
 
 SCALE = E.SCALES["smoke"]
-BASE = {"en-man": 3.0, "en-pydoc": 4.0, "de-man": 5.0}  # the base model's final losses
-D1_END = {"en-pydoc": 3.3, "de-man": 2.3}  # continual D1 at 0% replay and 1x max LR
+BASE = {"en-man": 3.0, "en-docs": 4.0, "de-man": 5.0}  # the base model's final losses
+D1_END = {"en-docs": 3.3, "de-man": 2.3}  # continual D1 at 0% replay and 1x max LR
 FORGET = {"weak": 0.2, "strong": 0.4}  # D0 rise at 0% replay and 1x max LR
 
 
@@ -75,17 +75,17 @@ def fake_lines(run: E.Run, seed_offset: float = 0.0) -> list[dict]:
                     value = end + (0.1, 0.05, 0.0, 0.0)[i]
                 else:
                     value = _infinite_value(lab["schedule"], tokens)
-                log(tokens, st.name, {"en-pydoc": value, "en-man": 5.0})
+                log(tokens, st.name, {"en-docs": value, "en-man": 5.0})
             at += st.tokens
         return lines
     if lab["role"] == "anneal":  # from the constant phase to 0.01 below repeated cosine's chunk end
         c, k = lab["chunk"], run.config.stages[0].tokens
         at = c * SCALE.chunk_tokens - k
         lines.append({"step": at // batch, "tokens": at, "stage": "anneal", "lr": 1e-3,
-                      "val": {"en-pydoc": _infinite_value(lab["schedule"], at), "en-man": 5.0}})
+                      "val": {"en-docs": _infinite_value(lab["schedule"], at), "en-man": 5.0}})
         for i in range(4):
             value = 3.59 - 0.2 * c if i >= 2 else 3.7
-            log(at + k * (i + 1) // 4, "anneal", {"en-pydoc": value, "en-man": 5.0})
+            log(at + k * (i + 1) // 4, "anneal", {"en-docs": value, "en-man": 5.0})
         return lines
     final, start, rise = _finals(run, seed_offset)
     stage = run.config.stages[0]
@@ -174,7 +174,7 @@ def test_replay_table_from_the_store_averages_the_seeds(good):
     assert table.loc["0%", "D0_std"] == pytest.approx(math.sqrt(0.01**2 / 2))
     assert table.loc["50%", "D0"] == pytest.approx(3.0 + 0.005)
     assert table.loc["0%", "forgetting"] == pytest.approx(0.2)  # each seed against its own base model
-    assert table.loc["base", "D1"] == pytest.approx(BASE["en-pydoc"] + 0.005)
+    assert table.loc["base", "D1"] == pytest.approx(BASE["en-docs"] + 0.005)
     assert table.loc["union", "avg"] == pytest.approx((3.05 + 3.4) / 2 + 0.005)
 
 
@@ -187,14 +187,14 @@ def test_replay_table_from_the_store_averages_the_seeds(good):
     ("strong-forgets-more", ("replay", "weak-replay0", "val_en-man", 0.5)),
     ("replay-matches-union", ("replay", "strong-replay0.25", "val_en-man", 0.3)),
     ("max-lr", ("max_lr", "strong-maxlr2x", "val_en-man", -0.3)),  # 2x forgets least
-    ("max-lr", ("max_lr", "weak-maxlr2x", "val_en-pydoc", 0.2)),  # 2x adapts worse
-    ("max-lr", ("max_lr", "weak-constant-min", "val_en-pydoc", -0.5)),  # constant adapts best
+    ("max-lr", ("max_lr", "weak-maxlr2x", "val_en-docs", 0.2)),  # 2x adapts worse
+    ("max-lr", ("max_lr", "weak-constant-min", "val_en-docs", -0.5)),  # constant adapts best
     ("max-lr", ("max_lr", "strong-constant-min", "val_en-man", 0.5)),  # constant forgets most
-    ("warmup", ("warmup", "weak-warmup0", "val_en-pydoc", 0.1)),
+    ("warmup", ("warmup", "weak-warmup0", "val_en-docs", 0.1)),
     ("d0-rewarm", ("d0_rewarm", "d0-maxlr2x", "val_en-man", -0.15)),  # rises less at 2x than 1x
     ("d0-rewarm", ("d0_rewarm", "d0-maxlr1x", "val_en-man", -0.2)),  # never rises above the start
-    ("infinite", ("infinite", "anneal-wsd-chunk2", "val_en-pydoc", 0.2)),
-    ("compute", ("compute", "weak-replay0.05", "val_en-pydoc", 0.5)),
+    ("infinite", ("infinite", "anneal-wsd-chunk2", "val_en-docs", 0.2)),
+    ("compute", ("compute", "weak-replay0.05", "val_en-docs", 0.5)),
     ("scale-replay", ("scales", "weak-replay0.05-d16", "val_en-man", 0.5)),  # replay forgets more
     ("scale-union", ("scales", "strong-replay0.25-d16", "val_en-man", 1.0)),  # far above the union
 ])
@@ -217,7 +217,7 @@ def test_infinite_jump_across_a_chunk_boundary_says_no(good):
     frames = {k: df.copy() for k, df in good.frames.items()}
     df = frames["infinite"]
     rows = (df["name"] == "sched-infinite_cosine") & (df["tokens"] > SCALE.chunk_tokens)
-    df.loc[rows, "val_en-pydoc"] += 0.5
+    df.loc[rows, "val_en-docs"] += 0.5
     v = verdict(R.Results(frames, good.flops_per_token), "infinite")
     assert v.status == "no" and "rises across a chunk boundary" in v.measured
 
@@ -347,7 +347,7 @@ def test_scale_study_figures_draw_every_size(good):
 
     finals = metrics.final_losses(good.frame("scales"))
     fig = plots.plot_scale_forgetting(finals)
-    assert [ax.get_title() for ax in fig.axes] == ["weak shift (en-man -> en-pydoc), chosen replay 5%",
+    assert [ax.get_title() for ax in fig.axes] == ["weak shift (en-man -> en-docs), chosen replay 5%",
                                                    "strong shift (en-man -> de-man), chosen replay 25%"]
     no_replay, replay = fig.axes[0].get_lines()[:2]
     assert no_replay.get_ydata().tolist() == pytest.approx([0.2, 0.2])  # FORGET["weak"] at both sizes
