@@ -106,7 +106,7 @@ def test_hub_corpus_goes_through_load_dataset(monkeypatch, cache_dir):
 
 def test_unknown_corpus_lists_the_known_ones(registry, bpe):
     with pytest.raises(data.DataError, match=r"unknown corpus 'nope'; known corpora: en-man, en-pydoc, "
-                                             r"de-man, en, de, mix"):
+                                             r"de-man, en-docs, en, de, mix"):
         registry.info("nope")
     with pytest.raises(data.DataError, match=r"unknown corpus 'nope'; known corpora: en-man, "):
         data.token_shard("nope", "train", bpe, registry)
