@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 # Model presets by name. n_ctx is the longest sequence the model accepts (rotary tables).
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(n_layer=2, n_head=2, d_model=32, n_ctx=256),
-    "tiny": dict(n_layer=2, n_head=4, d_model=32, n_ctx=512),
+    "tiny": dict(n_layer=2, n_head=4, d_model=48, n_ctx=512),
     "small": dict(n_layer=8, n_head=8, d_model=512, n_ctx=1024),
     "paper-405m": dict(n_layer=24, n_head=16, d_model=1024, n_ctx=2048, vocab_size=50304),
 }
