@@ -40,7 +40,7 @@ documentation and half manual pages of other programs than en-man's. DESIGN.md's
 alone; at tiny it forgot like the paper's strong shift (D0 +1.25 at 0% replay against the paper's +0.27
 weak and +1.39 strong), and so did C-library man pages alone (+1.18): neither is weak. The paper's
 SlimPajama shares kinds of sources with the Pile (web, books, arXiv, code) and adds others, and en-docs
-does the same with en-man: the probe above forgets +0.16 at 0% replay on it.
+does the same with en-man: at this scale it forgets +0.17 at 0% replay (paper weak +0.27).
 
 The scale study (``scale_ladder``) trains smaller models of the same shape: the scale's ``ladder`` of
 widths, the widest rung being the scale's own model (its runs are the replay sweep's and the union's).
