@@ -211,6 +211,18 @@ class BatchSampler:
             out[s.corpus] = max(out.get(s.corpus, 0.0), (s.start + s.count) / s.n_windows)
         return out
 
+    @property
+    def planned_epochs(self) -> dict[str, float]:
+        """Where each corpus's order will be at the end of the stage, in epochs (what ``epochs`` will say
+        after the last step): the stage's share of sequences per stream, from its start."""
+        replayed = self._replayed_before(self.num_steps)
+        new_total = self.num_steps * self.batch_size - replayed
+        out: dict[str, float] = {}
+        for i, s in enumerate(self.streams):
+            n = replayed if i >= self._n_new else new_total * self._num[i] / self._den
+            out[s.corpus] = max(out.get(s.corpus, 0.0), (s.start + n) / s.n_windows)
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         """Plain ints and strings: safe for ``torch.load(weights_only=True)``."""
         return dict(version=STATE_VERSION, step=self.step, seq_len=self.seq_len,

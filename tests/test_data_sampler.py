@@ -96,6 +96,16 @@ def test_every_epoch_is_a_permutation_of_the_windows():
     assert not np.array_equal(np.sort(epochs[0][:5]), np.sort(epochs[1][:5]))  # a new order each epoch
 
 
+def test_planned_epochs_say_where_each_order_ends():
+    small = {"tiny": (10000 + np.arange(10 * SEQ + 1)).astype(np.uint16), "old": SOURCES["old"]}
+    replay = ReplayConfig(source="old", fraction=0.2)
+    sampler = BatchSampler(small, {"tiny": 1}, replay, SEQ, 5, 6 * 5 * SEQ, seed=3, start={"tiny": 5})
+    planned = sampler.planned_epochs
+    run(sampler, 6)
+    assert planned == pytest.approx(sampler.epochs)
+    assert planned["tiny"] == pytest.approx((5 + 24) / 10)  # 30 sequences, 6 of them replayed
+
+
 def test_replay_in_original_order_repeats_pretraining_from_its_start():
     pretrain = BatchSampler(SOURCES, {"old": 1}, None, SEQ, 16, 10**6, seed=7)
     pre = [set(origin(x)[1].tolist()) for x in run(pretrain, 2)]

@@ -192,6 +192,15 @@ def test_nan_loss_stops_naming_the_step(corpus_dir, tmp_path, monkeypatch):
     assert [p.name for p in sorted((tmp_path / "checkpoints").glob("step-*.pt"))][-1] == "step-000000004.pt"
 
 
+def test_a_stage_that_reads_a_corpus_many_times_over_warns(corpus_dir, tmp_path, monkeypatch):
+    cfg = small_config(corpus_dir)
+    cfg["stages"] = cfg["stages"][:1]  # 6144 tokens of "old": a few hundredths of an epoch
+    monkeypatch.setattr(sys.modules[train.__module__], "MAX_EPOCHS_BEFORE_WARNING", 0.01)
+    expected = r"stage 'pretrain' reads corpus 'old' 0\.0 times over \(more than 0\.01\)"
+    with pytest.warns(UserWarning, match=expected):
+        train(RunConfig.from_dict(cfg), tmp_path, quiet=True)
+
+
 def test_config_errors_fail_before_any_training(corpus_dir, tmp_path):
     bad = small_config(corpus_dir)
     bad["eval"]["sets"] = ["old", "nope"]
