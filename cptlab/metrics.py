@@ -440,8 +440,10 @@ def scale_table(finals: pd.DataFrame, shift: str) -> pd.DataFrame:
         if len(base):
             row["base D0"] = float(base[f"val_{D0}"].mean())
         mine = group[group["shift"] == shift] if "shift" in group.columns else group.iloc[:0]
+        # no "replay" column when no continual run has finished (base models and unions only)
+        continual = mine[mine["role"] == "continual"] if "replay" in mine.columns else mine.iloc[:0]
         for frac, label in ((0.0, "0%"), (chosen, "chosen")):
-            found = mine[(mine["role"] == "continual") & (mine["replay"].sub(frac).abs() < 1e-12)]
+            found = continual[continual["replay"].sub(frac).abs() < 1e-12] if len(continual) else continual
             if len(found):
                 row[f"forgetting {label}"] = float(found["D0"].mean()) - row["base D0"]
                 row[f"avg {label}"] = float(found["avg"].mean())

@@ -257,6 +257,18 @@ def test_scale_study_table_and_a_missing_size(good):
     assert v.status == "not run" and "1 of 2 model sizes" in v.measured
 
 
+def test_scale_study_with_only_base_models_and_unions_says_not_run(good):
+    """A partial store (a run cut off by a deadline) may hold no continual run of the study yet."""
+    frames = {k: df.copy() for k, df in good.frames.items()}
+    df = frames["scales"]
+    assert "replay" in df.columns
+    frames["scales"] = df[df["role"] != "continual"].drop(columns="replay")
+    res = R.Results(frames, good.flops_per_token, scale=good.scale)
+    assert R.scale_table(res, "weak")["forgetting 0%"].isna().all()
+    assert verdict(res, "scale-replay").status == "not run"
+    assert verdict(res, "scale-union").status == "not run"
+
+
 def test_a_failing_shift_says_no_even_when_the_other_is_missing(good):
     res = changed(dropped(good, "replay", "weak-replay0.25"), "replay", "strong-replay0.1", "val_en-man", 0.3)
     assert verdict(res, "replay-forgetting").status == "no"
