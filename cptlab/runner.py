@@ -154,16 +154,22 @@ def write_labels(run: Run, root: Path) -> None:
         atomic_write_text(path, json.dumps(labels, indent=2, sort_keys=True) + "\n")
 
 
-def _train_subprocess(run: Run, root: Path) -> str | None:
-    """Run ``python -m cptlab train`` on one thread with glibc malloc tuned; None on success, else the
-    error."""
+def train_command(run: Run, root: str | Path) -> tuple[list[str], dict[str, str]]:
+    """Save the run's ``run.yaml`` and return the command and environment that train it in a subprocess:
+    ``python -m cptlab train`` on one thread with glibc malloc tuned."""
     from cptlab import runtime
 
     out = run_dir(run, root)
+    out.mkdir(parents=True, exist_ok=True)
     config = out / "run.yaml"
     run.config.save(config)
     env = runtime.malloc_subprocess_env(dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
-    cmd = [sys.executable, "-m", "cptlab", "train", str(config), "--out", str(out), "--quiet"]
+    return [sys.executable, "-m", "cptlab", "train", str(config), "--out", str(out), "--quiet"], env
+
+
+def _train_subprocess(run: Run, root: Path) -> str | None:
+    """Train ``run`` with ``train_command``; None on success, else the error."""
+    cmd, env = train_command(run, root)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])

@@ -150,17 +150,11 @@ def check_cache(scale: str) -> None:
 
 
 def start(job: Job, root: Path) -> None:
-    """Launch ``python -m cptlab train`` for ``job`` (one thread, tuned malloc, output to train.log)."""
-    from cptlab import runtime
-
-    out = runner.run_dir(job.run, root)
-    out.mkdir(parents=True, exist_ok=True)
+    """Launch ``runner.train_command`` for ``job`` (this checkout's cptlab, output to train.log)."""
+    cmd, env = runner.train_command(job.run, root)
     runner.write_labels(job.run, root)
-    job.run.config.save(out / "run.yaml")
-    env = runtime.malloc_subprocess_env(dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    job.log = open(out / "train.log", "ab")  # noqa: SIM115 - closed in finish()
-    cmd = [sys.executable, "-m", "cptlab", "train", str(out / "run.yaml"), "--out", str(out), "--quiet"]
+    job.log = open(runner.run_dir(job.run, root) / "train.log", "ab")  # noqa: SIM115 - closed in finish()
     job.proc = subprocess.Popen(cmd, env=env, stdout=job.log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
     job.started, job.status = time.monotonic(), "running"
