@@ -23,8 +23,10 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# ruff, then the architecture: import-linter's contracts in pyproject.toml (layers, no import cycle)
 lint: install
 	$(VENV)/bin/ruff check cptlab tests benchmarks scripts
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(PY) -m pytest tests --nbmake notebooks -q

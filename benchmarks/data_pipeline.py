@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from cptlab.config import ReplayConfig, TokenizerConfig
-from cptlab.corpus import CORPORA_DIR, SEPARATOR, SHIPPED
 from cptlab.data import BatchSampler, Registry, load_tokenizer, shard_meta, token_shard
+from cptlab.data.corpus import CORPORA_DIR, SEPARATOR, SHIPPED
 
 TINY_TOKENS_PER_S = 27_000  # the tiny model's training rate on a 2-core CPU (DESIGN.md)
 

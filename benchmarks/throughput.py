@@ -7,8 +7,8 @@
 
 1. Matmul peak: best of large square matmuls, fp32 and bf16 (GFLOP/s), sampled at the start, between
    rounds and at the end; the best sample is kept.
-2. The lab's step, as ``cptlab train`` runs it: ``cptlab.sampler.BatchSampler`` over random tokens, the
-   LR from ``cptlab.schedules``, then ``cptlab.runtime.train_step`` (GPT-NeoX model, loss, backward,
+2. The lab's step, as ``cptlab train`` runs it: ``cptlab.data.sampler.BatchSampler`` over random tokens, the
+   LR from ``cptlab.schedules``, then ``cptlab.training.runtime.train_step`` (GPT-NeoX model, loss, backward,
    clip, fused AdamW; on a multi-core CPU the batch split across ``runtime.step_workers`` threads) at
    the chosen precision.
 3. A plain fp32 GPT-2-style step of the same size (written below: learned positions, sequential
@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cptlab import runtime
-from cptlab.config import ModelConfig, ScheduleConfig, TrainConfig
-from cptlab.model import GPT
+from cptlab.config import ModelConfig, TrainConfig
+from cptlab.schedules import ScheduleConfig
+from cptlab.training import runtime
+from cptlab.training.model import GPT
 
 # -- 1. matmul peak --------------------------------------------------------------------------------
 
@@ -134,10 +135,12 @@ class RefGPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Same convention as ``GPT.flops_per_token``: 6 x matmul parameters + attention."""
-        n_layer, d = len(self.h), self.ln_f.weight.numel()
-        n_matmul = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()  # wte = head
-        return 6 * n_matmul + 12 * n_layer * d * seq_len
+        """``GPT.count_flops_per_token`` of the same shape: its blocks hold as many parameters as the lab's
+        (12 d^2 + 13 d each), its head is the tied embedding and its position table is a lookup."""
+        d, vocab = self.ln_f.weight.numel(), self.wte.weight.size(0)
+        shape = ModelConfig(preset=None, n_layer=len(self.h), n_head=self.h[0].attn.n_head, d_model=d,
+                            n_ctx=self.wpe.weight.size(0), vocab_size=vocab, tie_embeddings=True)
+        return GPT.count_flops_per_token(shape, seq_len)
 
 
 # -- measurement -----------------------------------------------------------------------------------
@@ -179,12 +182,12 @@ def lab_step_fn(args: argparse.Namespace, precision: str, device: torch.device):
     total_steps = 10_000
     tokens = np.random.default_rng(0).integers(0, args.vocab_size, size=4_000_000, dtype=np.uint16)
     try:
-        from cptlab.sampler import BatchSampler
+        from cptlab.data.sampler import BatchSampler
 
         sampler = BatchSampler({"random": tokens}, {"random": 1.0}, None, args.seq_len, args.batch_size,
                                total_steps * args.batch_size * args.seq_len, seed=0)
         next_batch = sampler.next_batch
-        note = "batches from cptlab.sampler.BatchSampler over random tokens"
+        note = "batches from cptlab.data.sampler.BatchSampler over random tokens"
     except (ImportError, TypeError, ValueError) as exc:
         gen = torch.Generator().manual_seed(0)
 

@@ -33,9 +33,9 @@ def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device
 
     With every notebook and ``prefetch``, the runs of all experiments are trained first in one go, so
     the CPU's cores stay busy across notebooks; the notebooks then find their runs in the store."""
-    import papermill
+    import papermill  # imported here: a second or two that ``cptlab --help`` need not pay
 
-    from cptlab.store import runs_root
+    from cptlab.training.store import runs_root
 
     # The kernels run in notebooks/: give them (and the report) the run store as an absolute path.
     os.environ["CPTLAB_RUNS"] = str(runs_root())
@@ -69,7 +69,7 @@ def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device
     print(f"[batch] {len(failed)} failed of the notebooks run, {time.perf_counter() - total_start:.0f}s "
           f"in all; executed notebooks in {out}", flush=True)
     try:  # the findings judged on the runs the notebooks trained, with links to their figures
-        from cptlab.report import write_report
+        from cptlab.analysis.report import write_report
 
         write_report(out, scale=scale, device=device, log=lambda line: print(line, flush=True))
     except Exception as exc:  # noqa: BLE001 - reported; the notebooks' results are kept
@@ -82,18 +82,17 @@ def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device
 
 def _prefetch(scale: str, device: str) -> list[str]:
     """Train every experiment's runs of ``scale`` side by side; the failed ones' names (else [])."""
-    from cptlab import runner
-    from cptlab.experiments import SCALES
-    from cptlab.report import experiment_runs
-    from cptlab.store import runs_root
+    from cptlab.analysis.results import experiment_runs
+    from cptlab.study import runner
+    from cptlab.study.scales import SCALES
 
     if scale not in SCALES:
         return []
-    runs = [r for group in experiment_runs(scale, runs_root(), device).values() for r in group]
+    runs = [r for group in experiment_runs(scale, device).values() for r in group]
     start = time.perf_counter()
     print(f"[batch] training the runs of every experiment at scale {scale} ...", flush=True)
     try:
-        runner.run_all(runs, runs_root(), log=lambda line: print(line, flush=True))
+        runner.run_all(runs, log=lambda line: print(line, flush=True))
     except RuntimeError as exc:
         print(f"[batch] runs: FAILED ({exc})", flush=True)
         return ["runs"]

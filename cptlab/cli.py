@@ -16,10 +16,10 @@ os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from cptlab.config import RunConfig
-    from cptlab.train import train
+    from cptlab.training.train import train
 
     cfg = RunConfig.load(args.config, args.set)
-    result = train(cfg, args.out, quiet=args.quiet)
+    result = train(cfg, args.out, quiet=args.quiet, runs_root=args.runs)
     return 0 if result.status == "done" else 1
 
 
@@ -43,7 +43,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from cptlab.report import write_report
+    from cptlab.analysis.report import write_report
 
     write_report(args.dir, scale=args.scale, runs=args.runs, device=args.device)
     return 0
@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set stages.1.replay.fraction=0.05")
+    p.add_argument("--runs", default=None, metavar="ROOT",
+                   help="run store in which a stage's init_from {experiment, run, stage} is found "
+                        "(default: the store that holds DIR, i.e. DIR/../..)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 

@@ -2,7 +2,9 @@
 
 A run config (YAML or dict) has top-level ``model``, ``tokenizer``, ``train``, ``eval``, ``stages``
 and optional ``corpora``. Anything omitted takes the defaults below; ``resolve`` fills them in and
-``validate`` checks them, raising ``ConfigError`` that names the dotted key and what is allowed.
+``validate`` checks them, raising ``ConfigError`` that names the dotted key and what is allowed. Each
+section checks its own fields (its ``validate``); ``RunConfig.validate`` calls them and checks what
+involves several sections.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from typing import Any
 
 import yaml
 
+from cptlab.files import atomic_write_text
+from cptlab.schedules import ScheduleConfig
+
 
 class ConfigError(ValueError):
     """A bad config value; the message names the dotted key and what is allowed."""
@@ -31,6 +36,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(n_layer=8, n_head=8, d_model=512, n_ctx=1024),
     "paper-405m": dict(n_layer=24, n_head=16, d_model=1024, n_ctx=2048, vocab_size=50304),
 }
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 
 
 @dataclass
@@ -50,6 +56,23 @@ class ModelConfig:
     tie_embeddings: bool = False
     dropout: float = 0.0
 
+    def validate(self) -> None:
+        if self.preset is not None:
+            _check_choice("model.preset", self.preset, tuple(MODEL_PRESETS), "preset")
+        for key in ("n_layer", "n_head", "d_model", "n_ctx", "vocab_size"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"model.{key}: must be >= 1, got {value}")
+        if self.n_head and self.d_model and self.d_model % self.n_head:
+            raise ConfigError(
+                f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+        _check_range("model.rotary_pct", self.rotary_pct, 0.0, 1.0)
+        _check_range("model.dropout", self.dropout, 0.0, 1.0)
+
+    def context(self) -> int | None:
+        """The longest sequence the model takes: ``n_ctx``, else the preset's (None if neither says)."""
+        return self.n_ctx if self.n_ctx is not None else MODEL_PRESETS.get(self.preset or "", {}).get("n_ctx")
+
 
 @dataclass
 class TokenizerConfig:
@@ -59,6 +82,13 @@ class TokenizerConfig:
     kind: str = "bpe"
     vocab_size: int = 8192
     path: str | None = None
+
+    def validate(self) -> None:
+        _check_choice("tokenizer.kind", self.kind, ("bpe", "byte", "file"))
+        if self.kind == "bpe" and not 257 <= self.vocab_size <= 2**32:
+            raise ConfigError(f"tokenizer.vocab_size: must be >= 257, got {self.vocab_size}")
+        if self.kind == "file" and not self.path:
+            raise ConfigError("tokenizer.path: required when tokenizer.kind is 'file'")
 
 
 @dataclass
@@ -81,12 +111,34 @@ class TrainConfig:
     log_every_steps: int = 10
     threads: int = 0  # torch intra-op threads; 0: leave torch's default
 
+    def validate(self) -> None:
+        for key in ("seq_len", "batch_size", "log_every_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ConfigError(f"train.micro_batch_size: must be >= 1 or null, got {self.micro_batch_size}")
+        _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        _check_choice("train.strategy", self.strategy, ("ddp", "fsdp"))
+        if not (self.device in DEVICES or self.device.startswith("cuda:")):
+            raise ConfigError(f"train.device: {self.device!r} not allowed; allowed: {', '.join(DEVICES)}")
+        for key in ("weight_decay", "eps", "grad_clip", "checkpoint_every_tokens", "threads"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
+        _check_range("train.beta1", self.beta1, 0.0, 1.0)
+        _check_range("train.beta2", self.beta2, 0.0, 1.0)
+
 
 @dataclass
 class EvalConfig:
     sets: list[str] = field(default_factory=list)  # corpora whose validation split is evaluated
     every_tokens: int = 0  # 0: only at stage ends
     tokens: int = 65536  # validation tokens per set (fixed, the same at every evaluation)
+
+    def validate(self, known: set[str] | None = None) -> None:
+        if self.every_tokens < 0:
+            raise ConfigError(f"eval.every_tokens: must be >= 0, got {self.every_tokens}")
+        for i, name in enumerate(self.sets):
+            _check_corpus(f"eval.sets[{i}]", name, known)
 
 
 @dataclass
@@ -95,28 +147,35 @@ class ReplayConfig:
     fraction: float = 0.0
     order: str = "original"  # original | shuffled
 
+    def validate(self, where: str, known: set[str] | None = None) -> None:
+        _check_corpus(f"{where}.source", self.source, known)
+        if not 0.0 <= self.fraction < 1.0:
+            raise ConfigError(f"{where}.fraction: must be in [0, 1), got {self.fraction}")
+        _check_choice(f"{where}.order", self.order, ("original", "shuffled"))
+
 
 @dataclass
-class ScheduleConfig:
-    """Learning-rate schedule of one stage. Lengths are fractions of the stage's steps.
+class RunRef:
+    """A run of the run store and one of its stages: ``experiment``, ``run`` (its id, ``<name>-<hash>``)
+    and ``stage``. As a stage's ``init_from`` it names the end-of-stage checkpoint the stage starts from,
+    found in the run store that holds the run being trained; so a run store can move, and a run's
+    identity does not depend on where its store is."""
 
-    kinds: constant | cosine | infinite_cosine | infinite_inv_sqrt | wsd (see ``cptlab.schedules``).
-    """
+    experiment: str = ""
+    run: str = ""
+    stage: str = ""
 
-    kind: str = "cosine"
-    max_lr: float = 3e-4
-    min_lr: float = 3e-5
-    warmup: float = 0.01
-    const_lr: float | None = None  # infinite_*: the constant phase (default: mean of max and min)
-    cooldown: float = 0.0  # infinite_*: from max_lr down to const_lr
-    anneal: float = 0.0  # infinite_*: exponential annealing to min_lr over the final fraction
-    alpha: float = 10.0  # infinite_inv_sqrt timescale
-    decay: float = 0.1  # wsd: final fraction decaying to min_lr
-    decay_shape: str = "linear"  # wsd: linear | 1-sqrt
+    def validate(self, where: str) -> None:
+        for key in ("experiment", "run", "stage"):
+            value = getattr(self, key)
+            if not value or "/" in value or value in (".", ".."):
+                raise ConfigError(f"{where}.{key}: must be a non-empty name without '/', got {value!r}")
 
-    def to_spec(self) -> dict[str, Any]:
-        """The mapping ``cptlab.schedules.build`` takes."""
-        return asdict(self)
+    def __str__(self) -> str:
+        return f"{self.experiment}/{self.run} (stage {self.stage})"
+
+
+INIT_FROM = "previous, scratch, a checkpoint path ending in .pt, or a run {experiment, run, stage}"
 
 
 @dataclass
@@ -127,7 +186,34 @@ class Stage:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     replay: ReplayConfig | None = None
     reset_optimizer: bool = True
-    init_from: str = "previous"  # previous | scratch | path to a checkpoint file
+    init_from: str | RunRef = "previous"  # previous | scratch | a checkpoint path | a run of the store
+
+    def validate(self, where: str, known: set[str] | None, batch_tokens: int) -> None:
+        """Check the stage; ``where`` names it in messages (``stages[1] (continue)``)."""
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"{where}.name: must be a non-empty name without '/'")
+        if not self.data:
+            raise ConfigError(f"{where}.data: at least one corpus with a weight is required")
+        for name, weight in self.data.items():
+            _check_corpus(f"{where}.data", name, known)
+            if not weight > 0:
+                raise ConfigError(f"{where}.data.{name}: weight must be > 0, got {weight}")
+        if self.tokens < batch_tokens:
+            raise ConfigError(f"{where}.tokens: {self.tokens} is smaller than one batch "
+                              f"(train.batch_size x train.seq_len = {batch_tokens})")
+        if self.replay is not None:
+            self.replay.validate(f"{where}.replay", known)
+            if set(self.data) == {self.replay.source}:
+                raise ConfigError(f"{where}.replay.source: {self.replay.source!r} is also the only new "
+                                  "corpus; replay must come from another corpus")
+        if isinstance(self.init_from, RunRef):
+            self.init_from.validate(f"{where}.init_from")
+        elif not (self.init_from in ("previous", "scratch") or self.init_from.endswith((".pt", ".pth"))):
+            raise ConfigError(f"{where}.init_from: {self.init_from!r} not allowed; allowed: {INIT_FROM}")
+        try:
+            self.schedule.resolved().validate()
+        except ValueError as exc:
+            raise ConfigError(f"{where}.schedule.{exc}") from None
 
 
 @dataclass
@@ -185,114 +271,38 @@ class RunConfig:
         cfg = copy.deepcopy(self)
         m = cfg.model
         if m.preset is not None:
-            if m.preset not in MODEL_PRESETS:
-                raise ConfigError(
-                    f"model.preset: unknown preset {m.preset!r}; allowed: {sorted(MODEL_PRESETS)}")
+            _check_choice("model.preset", m.preset, tuple(MODEL_PRESETS), "preset")
             for key, value in MODEL_PRESETS[m.preset].items():
                 if getattr(m, key) is None:
                     setattr(m, key, value)
         if m.vocab_size is None and vocab_size is not None:
             m.vocab_size = vocab_size
         for st in cfg.stages:
-            s = st.schedule
-            if s.const_lr is None and s.kind.startswith("infinite"):
-                s.const_lr = (s.max_lr + s.min_lr) / 2
+            st.schedule = st.schedule.resolved()
         return cfg
 
     def validate(self, known_corpora: typing.Iterable[str] | None = None) -> None:
-        """Check values before any work is done. ``known_corpora``: names corpora may take
-        (shipped + registered); None skips that check."""
-        from cptlab import schedules  # late: schedules imports this module
-
-        m = self.model
-        if m.preset is not None and m.preset not in MODEL_PRESETS:
-            raise ConfigError(
-                f"model.preset: unknown preset {m.preset!r}; allowed: {sorted(MODEL_PRESETS)}")
-        for key in ("n_layer", "n_head", "d_model", "n_ctx", "vocab_size"):
-            value = getattr(m, key)
-            if value is not None and value < 1:
-                raise ConfigError(f"model.{key}: must be >= 1, got {value}")
-        if m.n_head and m.d_model and m.d_model % m.n_head:
-            raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
-        _check_range("model.rotary_pct", m.rotary_pct, 0.0, 1.0)
-        _check_range("model.dropout", m.dropout, 0.0, 1.0)
-        _check_choice("tokenizer.kind", self.tokenizer.kind, ("bpe", "byte", "file"))
-        if self.tokenizer.kind == "bpe" and not 257 <= self.tokenizer.vocab_size <= 2**32:
-            raise ConfigError(f"tokenizer.vocab_size: must be >= 257, got {self.tokenizer.vocab_size}")
-        if self.tokenizer.kind == "file" and not self.tokenizer.path:
-            raise ConfigError("tokenizer.path: required when tokenizer.kind is 'file'")
+        """Check values before any work is done: each section, then what ties sections together.
+        ``known_corpora``: names corpora may take (shipped + registered); None skips that check."""
+        known = None if known_corpora is None else set(known_corpora) | set(self.corpora)
+        self.model.validate()
+        self.tokenizer.validate()
+        self.train.validate()
+        self.eval.validate(known)
         t = self.train
-        for key in ("seq_len", "batch_size"):
-            if getattr(t, key) < 1:
-                raise ConfigError(f"train.{key}: must be >= 1, got {getattr(t, key)}")
-        if t.micro_batch_size is not None and t.micro_batch_size < 1:
-            raise ConfigError(f"train.micro_batch_size: must be >= 1 or null, got {t.micro_batch_size}")
-        n_ctx = m.n_ctx if m.n_ctx is not None else MODEL_PRESETS.get(m.preset or "", {}).get("n_ctx")
+        n_ctx = self.model.context()
         if n_ctx is not None and t.seq_len > n_ctx:
             raise ConfigError(f"train.seq_len ({t.seq_len}) exceeds model.n_ctx ({n_ctx})")
-        _check_choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
-        _check_choice("train.strategy", t.strategy, ("ddp", "fsdp"))
-        if not (t.device in ("auto", "cpu", "cuda", "mps") or t.device.startswith("cuda:")):
-            raise ConfigError(
-                f"train.device: {t.device!r} not allowed; allowed: auto, cpu, cuda, cuda:N, mps")
-        for key in ("weight_decay", "eps", "grad_clip", "checkpoint_every_tokens", "threads"):
-            if getattr(t, key) < 0:
-                raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
-        _check_range("train.beta1", t.beta1, 0.0, 1.0)
-        _check_range("train.beta2", t.beta2, 0.0, 1.0)
-        if t.log_every_steps < 1:
-            raise ConfigError(f"train.log_every_steps: must be >= 1, got {t.log_every_steps}")
-        if self.eval.every_tokens < 0:
-            raise ConfigError(f"eval.every_tokens: must be >= 0, got {self.eval.every_tokens}")
         if self.eval.tokens < t.seq_len:
             raise ConfigError(
                 f"eval.tokens ({self.eval.tokens}) must be at least one sequence (train.seq_len={t.seq_len})")
-        known = None if known_corpora is None else set(known_corpora) | set(self.corpora)
-        for i, name in enumerate(self.eval.sets):
-            _check_corpus(f"eval.sets[{i}]", name, known)
         if not self.stages:
             raise ConfigError("stages: at least one stage is required")
         names = [st.name for st in self.stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"stages: stage names must be unique, got {names}")
-        batch_tokens = t.batch_size * t.seq_len
         for i, st in enumerate(self.stages):
-            where = f"stages[{i}] ({st.name})"
-            if not st.name or "/" in st.name:
-                raise ConfigError(f"{where}.name: must be a non-empty name without '/'")
-            if not st.data:
-                raise ConfigError(f"{where}.data: at least one corpus with a weight is required")
-            for name, weight in st.data.items():
-                _check_corpus(f"{where}.data", name, known)
-                if not weight > 0:
-                    raise ConfigError(f"{where}.data.{name}: weight must be > 0, got {weight}")
-            if st.tokens < batch_tokens:
-                raise ConfigError(
-                    f"{where}.tokens: {st.tokens} is smaller than one batch "
-                    f"(train.batch_size x train.seq_len = {batch_tokens})")
-            if st.replay is not None:
-                r = st.replay
-                _check_corpus(f"{where}.replay.source", r.source, known)
-                if not 0.0 <= r.fraction < 1.0:
-                    raise ConfigError(f"{where}.replay.fraction: must be in [0, 1), got {r.fraction}")
-                _check_choice(f"{where}.replay.order", r.order, ("original", "shuffled"))
-                if set(st.data) == {r.source}:
-                    raise ConfigError(
-                        f"{where}.replay.source: {r.source!r} is also the only new corpus; "
-                        "replay must come from another corpus")
-            if not (st.init_from in ("previous", "scratch") or st.init_from.endswith((".pt", ".pth"))):
-                raise ConfigError(
-                    f"{where}.init_from: {st.init_from!r} not allowed; allowed: previous, scratch, "
-                    "or a checkpoint path ending in .pt")
-            if i == 0 and st.init_from == "previous":
-                pass  # the first stage starts from scratch
-            try:
-                spec = st.schedule.to_spec()
-                if spec["const_lr"] is None and spec["kind"].startswith("infinite"):
-                    spec["const_lr"] = (spec["max_lr"] + spec["min_lr"]) / 2
-                schedules.validate_spec(spec)
-            except ValueError as exc:
-                raise ConfigError(f"{where}.schedule.{exc}") from None
+            st.validate(f"stages[{i}] ({st.name})", known, t.batch_size * t.seq_len)
 
     def hash(self) -> str:
         """Short content hash of the resolved config (what makes two runs the same run). Values equal to
@@ -321,9 +331,11 @@ def _check_range(key: str, value: float, lo: float, hi: float) -> None:
         raise ConfigError(f"{key}: must be in [{lo}, {hi}], got {value}")
 
 
-def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+def _check_choice(key: str, value: Any, allowed: tuple[str, ...], what: str = "") -> None:
+    """``value`` must be one of ``allowed``; the error says "unknown <what>" when ``what`` is given."""
     if value not in allowed:
-        raise ConfigError(f"{key}: {value!r} not allowed; allowed: {', '.join(allowed)}")
+        shown = f"unknown {what} {value!r};" if what else f"{value!r} not allowed;"
+        raise ConfigError(f"{key}: {shown} allowed: {', '.join(allowed)}")
 
 
 def _check_corpus(key: str, name: str, known: set[str] | None) -> None:
@@ -357,6 +369,9 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                 return None
             raise ConfigError(f"{path}: must not be null")
         inner = [a for a in args if a is not type(None)]
+        classes = [a for a in inner if dataclasses.is_dataclass(a)]
+        if classes and isinstance(value, (dict, *classes)):  # a mapping where a section may stand
+            return _coerce(classes[0], value, path)
         return _coerce(inner[0], value, path)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path)
@@ -445,33 +460,3 @@ def diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
         elif va != vb:
             out.append(f"{path}: {va!r} -> {vb!r}")
     return out
-
-
-def atomic_write(path: str | Path, write: typing.Callable[[typing.IO], object], binary: bool = False) -> None:
-    """Create ``path`` through ``write(file)`` so that a crash leaves either the old or the new content:
-    a temporary file in the same folder, fsynced, renamed over ``path``, then the folder fsynced."""
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file atomically (see ``atomic_write``)."""
-    atomic_write(path, lambda f: f.write(text))

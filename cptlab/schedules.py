@@ -1,6 +1,6 @@
 """Learning-rate schedules as pure functions of the step (so resuming a run is exact).
 
-A schedule is described by a spec, the YAML ``schedule`` mapping of a stage (``ScheduleConfig``):
+A schedule is described by a spec: the YAML ``schedule`` mapping of a stage, a ``ScheduleConfig``:
 
     kind         constant | cosine | infinite_cosine | infinite_inv_sqrt | wsd
     max_lr       peak learning rate (> 0)
@@ -41,9 +41,38 @@ import dataclasses
 import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from cptlab.config import ScheduleConfig
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule of one stage (the module docstring says what each field does). Lengths are
+    fractions of the stage's steps."""
+
+    kind: str = "cosine"
+    max_lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup: float = 0.01
+    const_lr: float | None = None  # infinite_*: the constant phase (default: ``default_const_lr``)
+    cooldown: float = 0.0  # infinite_*: from max_lr down to const_lr
+    anneal: float = 0.0  # infinite_*: exponential annealing to min_lr over the final fraction
+    alpha: float = 10.0  # infinite_inv_sqrt timescale
+    decay: float = 0.1  # wsd: final fraction decaying to min_lr
+    decay_shape: str = "linear"  # wsd: linear | 1-sqrt
+
+    def to_spec(self) -> dict[str, Any]:
+        """The spec as a plain mapping (what ``build`` and the YAML file hold)."""
+        return asdict(self)
+
+    def resolved(self) -> ScheduleConfig:
+        """A copy with the defaults that depend on other fields filled in (``const_lr``)."""
+        return ScheduleConfig(**resolve_spec(self))
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for a bad schedule; the message starts with the field name."""
+        validate_spec(self)
+
 
 KINDS = ("constant", "cosine", "infinite_cosine", "infinite_inv_sqrt", "wsd")
 INFINITE_KINDS = ("infinite_cosine", "infinite_inv_sqrt")
@@ -53,19 +82,6 @@ FRACTIONS = ("warmup", "cooldown", "anneal", "decay")
 
 Spec = Mapping[str, Any] | ScheduleConfig
 StagePlan = Sequence[tuple[Spec, int]]
-
-# The paper's 405M settings (PAPER.md). The paper gives no wsd numbers: decay 10% follows MiniCPM
-# and the 1-sqrt shape Hägele et al.; "constant" is the ablation that keeps the LR at min_lr.
-PAPER_405M_VALUES: dict[str, float] = dict(
-    max_lr=3e-4, min_lr=3e-5, const_lr=1.65e-4, warmup=0.01, cooldown=0.6, alpha=10.0)
-PAPER_405M: dict[str, dict[str, Any]] = {
-    "cosine": dict(kind="cosine", max_lr=3e-4, min_lr=3e-5, warmup=0.01),
-    "constant": dict(kind="constant", max_lr=3e-5, min_lr=3e-5, warmup=0.0),
-    "infinite_cosine": dict(kind="infinite_cosine", **PAPER_405M_VALUES, anneal=0.0),
-    "infinite_inv_sqrt": dict(kind="infinite_inv_sqrt", **PAPER_405M_VALUES, anneal=0.0),
-    "wsd": dict(kind="wsd", max_lr=3e-4, min_lr=3e-5, warmup=0.01, decay=0.1, decay_shape="1-sqrt"),
-}
-
 
 # -- specs -----------------------------------------------------------------------------------------
 
@@ -77,11 +93,16 @@ def _merged(spec: Spec) -> dict[str, Any]:
     return {**DEFAULTS, **spec}
 
 
+def default_const_lr(max_lr: float, min_lr: float) -> float:
+    """The constant phase of an infinite schedule when its spec sets none: midway between max and min."""
+    return (max_lr + min_lr) / 2
+
+
 def resolve_spec(spec: Spec) -> dict[str, Any]:
     """A full spec dict: defaults filled in, ``const_lr`` set for infinite kinds. Not validated."""
     s = _merged(spec)
     if s["const_lr"] is None and s["kind"] in INFINITE_KINDS:
-        s["const_lr"] = (s["max_lr"] + s["min_lr"]) / 2
+        s["const_lr"] = default_const_lr(s["max_lr"], s["min_lr"])
     return s
 
 
@@ -198,55 +219,9 @@ def build(spec: Spec, total_steps: int) -> Callable[[int], float]:
     if T < 1:
         raise ValueError(f"total_steps: must be an integer >= 1, got {T}")
     s = resolve_spec(spec)
-    kind, lr_max, lr_min = s["kind"], float(s["max_lr"]), float(s["min_lr"])
+    shape = {"constant": _constant, "cosine": _cosine, "wsd": _wsd}.get(s["kind"], _infinite)
+    f = shape(s, T, _Warmup(float(s["max_lr"]), s["warmup"] * T))
     last = T - 1
-    t_warm = s["warmup"] * T
-
-    def warm(t: int) -> float:
-        return lr_max * t / t_warm
-
-    if kind == "constant":
-        def f(t: int) -> float:
-            return warm(t) if t < t_warm else lr_max
-
-    elif kind == "cosine":
-        def f(t: int) -> float:
-            if t < t_warm:
-                return warm(t)
-            p = _progress(t, t_warm, last)
-            return lr_min + (lr_max - lr_min) / 2 * (1 + math.cos(math.pi * p))
-
-    elif kind in INFINITE_KINDS:
-        c, alpha, anneal = float(s["const_lr"]), s["alpha"], s["anneal"]
-        t_cd = s["cooldown"] * T
-        t_anneal = min(T - anneal * T, last)  # a final phase always covers the last step
-        h1 = 1 / math.sqrt(1 + alpha) - 1
-
-        def f(t: int) -> float:
-            if anneal > 0 and t >= t_anneal:
-                return c * (lr_min / c) ** _progress(t, t_anneal, last)
-            if t < t_warm:
-                return warm(t)
-            if t < t_warm + t_cd:
-                tau = (t - t_warm) / t_cd
-                if kind == "infinite_cosine":
-                    return c + (lr_max - c) / 2 * (1 + math.cos(math.pi * tau))
-                return lr_max + (c - lr_max) * (1 / math.sqrt(1 + alpha * tau) - 1) / h1
-            return c
-
-    else:  # wsd
-        decay, shape = s["decay"], s["decay_shape"]
-        t_decay = min(T - decay * T, last)
-
-        def f(t: int) -> float:
-            if decay > 0 and t >= t_decay:
-                p = _progress(t, t_decay, last)
-                if shape == "linear":
-                    return lr_max + (lr_min - lr_max) * p
-                return lr_min + (lr_max - lr_min) * (1 - math.sqrt(p))
-            if t < t_warm:
-                return warm(t)
-            return lr_max
 
     def lr(step: int) -> float:
         if step < 0:
@@ -254,6 +229,75 @@ def build(spec: Spec, total_steps: int) -> Callable[[int], float]:
         return f(min(step, last))
 
     return lr
+
+
+class _Warmup:
+    """Linear warmup from 0 to ``lr_max`` over ``length`` steps (a float: exact)."""
+
+    def __init__(self, lr_max: float, length: float):
+        self.lr_max, self.length = lr_max, length
+
+    def covers(self, t: int) -> bool:
+        return t < self.length
+
+    def __call__(self, t: int) -> float:
+        return self.lr_max * t / self.length
+
+
+def _constant(s: dict[str, Any], T: int, warm: _Warmup) -> Callable[[int], float]:
+    return lambda t: warm(t) if warm.covers(t) else warm.lr_max
+
+
+def _cosine(s: dict[str, Any], T: int, warm: _Warmup) -> Callable[[int], float]:
+    lr_max, lr_min, last = warm.lr_max, float(s["min_lr"]), T - 1
+
+    def f(t: int) -> float:
+        if warm.covers(t):
+            return warm(t)
+        p = _progress(t, warm.length, last)
+        return lr_min + (lr_max - lr_min) / 2 * (1 + math.cos(math.pi * p))
+
+    return f
+
+
+def _infinite(s: dict[str, Any], T: int, warm: _Warmup) -> Callable[[int], float]:
+    lr_max, lr_min, last = warm.lr_max, float(s["min_lr"]), T - 1
+    c, alpha, anneal = float(s["const_lr"]), s["alpha"], s["anneal"]
+    t_cd = s["cooldown"] * T
+    t_anneal = min(T - anneal * T, last)  # a final phase always covers the last step
+    h1 = 1 / math.sqrt(1 + alpha) - 1
+
+    def f(t: int) -> float:
+        if anneal > 0 and t >= t_anneal:
+            return c * (lr_min / c) ** _progress(t, t_anneal, last)
+        if warm.covers(t):
+            return warm(t)
+        if t < warm.length + t_cd:
+            tau = (t - warm.length) / t_cd
+            if s["kind"] == "infinite_cosine":
+                return c + (lr_max - c) / 2 * (1 + math.cos(math.pi * tau))
+            return lr_max + (c - lr_max) * (1 / math.sqrt(1 + alpha * tau) - 1) / h1
+        return c
+
+    return f
+
+
+def _wsd(s: dict[str, Any], T: int, warm: _Warmup) -> Callable[[int], float]:
+    lr_max, lr_min, last = warm.lr_max, float(s["min_lr"]), T - 1
+    decay, shape = s["decay"], s["decay_shape"]
+    t_decay = min(T - decay * T, last)
+
+    def f(t: int) -> float:
+        if decay > 0 and t >= t_decay:
+            p = _progress(t, t_decay, last)
+            if shape == "linear":
+                return lr_max + (lr_min - lr_max) * p
+            return lr_min + (lr_max - lr_min) * (1 - math.sqrt(p))
+        if warm.covers(t):
+            return warm(t)
+        return lr_max
+
+    return f
 
 
 # -- several stages --------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Run from the repository root (Debian 12 with `manpages manpages-de python3.11-doc man-db` installed):
 
-    python scripts/build_corpora.py [--out cptlab/corpora] [--workers 2]
+    python scripts/build_corpora.py [--out cptlab/data/corpora] [--workers 2]
 
 Sources:
 - `de-man`: every German manual page shipped by the package manpages-de (/usr/share/man/de/).
@@ -74,7 +74,7 @@ RENDER_ENV = {
     "MANPAGER": "cat",
     "PAGER": "cat",
 }
-BUILD_COMMAND = "python scripts/build_corpora.py --out cptlab/corpora"
+BUILD_COMMAND = "python scripts/build_corpora.py --out cptlab/data/corpora"
 
 # Words after which a line-final hyphen is a suspended compound ("Ein- und Aushängen", "pre- and post-").
 SUSPENDED_HYPHEN_FOLLOWERS = {"und", "oder", "bzw", "sowie", "and", "or", "nor"}
@@ -556,7 +556,7 @@ def build(out: Path, workers: int) -> list[Corpus]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--out", type=Path, default=Path("cptlab/corpora"), help="output folder")
+    parser.add_argument("--out", type=Path, default=Path("cptlab/data/corpora"), help="output folder")
     parser.add_argument("--workers", type=int, default=2, help="rendering processes (default 2)")
     args = parser.parse_args(argv)
     start = time.perf_counter()

@@ -6,11 +6,11 @@ write its report from whatever finished.
     # on a CPU, end to end in a minute or two:
     python scripts/gpu_small.py --scale smoke --device cpu --workers 1 --deadline-s 60 --out /tmp/smoke
 
-Every run of every experiment (``cptlab.report.experiment_runs``) is trained as its own ``cptlab train``
-subprocess, ``--workers`` of them side by side on the one GPU (small batches leave an H100 idle between
-kernels; a second and third process fill those gaps). Runs are started in priority order, each as soon as
-the runs it starts from are done: the base model and the union baselines, the replay runs that decide
-findings 2-4 and 9, then the experiments that give a finding for the fewest tokens (see ``ORDER``;
+Every run of every experiment (``cptlab.analysis.results.experiment_runs``) is trained as its own
+``cptlab train`` subprocess, ``--workers`` of them side by side on the one GPU (small batches leave an H100
+idle between kernels; a second and third process fill those gaps). Runs are started in priority order, each
+as soon as the runs it starts from are done: the base model and the union baselines, the replay runs that
+decide findings 2-4 and 9, then the experiments that give a finding for the fewest tokens (see ``ORDER``;
 ``--order`` changes it). A run is not started when, at the per-run speed measured so far, it would not
 finish before the deadline; at the deadline the runs still going are killed and count as not run (the
 report only judges finished runs). Then ``--out`` gets:
@@ -18,9 +18,8 @@ report only judges finished runs). Then ``--out`` gets:
 - ``runs_summary.md`` and ``runs_summary.json``: per run its name, planned and trained tokens, wall
   seconds, status (done / already done / failed / stopped at deadline / not started) and speed;
 - ``run_store.tar.gz``: the run store's small files (config.json, labels.json, metrics.jsonl, DONE,
-  run.yaml, train.log; no checkpoints), paths relative to ``--root``. Continual runs name their base
-  checkpoint by absolute path in their config hash, so unpack it at the same ``--root`` to report again:
-  ``cptlab report DIR --scale small --runs /tmp/cptlab-small-runs --device cuda``;
+  run.yaml, train.log; no checkpoints), paths relative to ``--root``. Unpack it anywhere and report again:
+  ``cptlab report DIR --scale small --runs WHERE --device cuda``;
 - ``REPORT.md``: ``cptlab report`` for the scale (rows whose runs did not finish say "not run").
 
 The token shards and the BPE tokenizer must already be in ``$CPTLAB_CACHE`` (``--build-cache`` builds
@@ -47,11 +46,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from cptlab import data, runner  # noqa: E402
-from cptlab import experiments as E  # noqa: E402
-from cptlab import report as R  # noqa: E402
+from cptlab import data  # noqa: E402
+from cptlab.analysis.report import write_report  # noqa: E402
+from cptlab.analysis.results import experiment_runs  # noqa: E402
 from cptlab.config import TokenizerConfig  # noqa: E402
-from cptlab.experiments import Run  # noqa: E402
+from cptlab.study import paper, runner  # noqa: E402
+from cptlab.study.experiments import Run  # noqa: E402
+from cptlab.study.scales import SCALES, get_scale  # noqa: E402
 
 # Experiments in the order their runs are started; a run shared by several is started with the first. The
 # replay sweep is split: ``replay`` is the base model's first dependents, the runs that decide the most
@@ -102,8 +103,8 @@ def _rank(run: Run) -> int | None:
     for the other fractions (``replay_rest``)."""
     if run.labels.get("role") == "union":
         return 0
-    first = [(shift, frac) for frac in (0.0, 0.5) for shift in E.SHIFTS]
-    first += [(shift, E.CHOSEN_REPLAY[shift]) for shift in E.SHIFTS]
+    first = [(shift, frac) for frac in (0.0, 0.5) for shift in paper.SHIFTS]
+    first += [(shift, paper.CHOSEN_REPLAY[shift]) for shift in paper.SHIFTS]
     key = (run.labels.get("shift"), run.labels.get("replay"))
     return 1 + first.index(key) if key in first else None
 
@@ -111,7 +112,7 @@ def _rank(run: Run) -> int | None:
 def plan(scale: str, root: Path, device: str, order: tuple[str, ...]) -> list[Job]:
     """Every distinct run of the experiments in ``order`` (see ``ORDER``), in start order, each run
     before the runs that start from it."""
-    by_group = R.experiment_runs(scale, root, device)
+    by_group = experiment_runs(scale, device)
     sweep = by_group.pop("replay")
     by_group["replay"] = sorted((r for r in sweep if _rank(r) is not None), key=_rank)
     by_group["replay_rest"] = [r for r in sweep if _rank(r) is None]
@@ -136,7 +137,7 @@ def _tokens(run: Run) -> int:
 def check_cache(scale: str) -> None:
     """The tokenizer and every corpus's shards must be cached already (the GPU machine cannot build them:
     no ``datasets``); exit with a message if not."""
-    s = E.get_scale(scale)
+    s = get_scale(scale)
     registry = data.Registry()
     try:
         tokenizer = data.load_tokenizer(TokenizerConfig(kind="bpe", vocab_size=s.vocab_size), registry)
@@ -345,7 +346,7 @@ def gpu_name(device: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scale", default="small", choices=sorted(E.SCALES))
+    parser.add_argument("--scale", default="small", choices=sorted(SCALES))
     parser.add_argument("--device", default="cuda", help="the runs' train.device (part of their config)")
     parser.add_argument("--deadline-s", type=float, default=500.0,
                         help="wall-clock seconds from start by which all is done, the report included")
@@ -397,7 +398,7 @@ def main() -> None:
     write_summary(jobs, out, meta)
     tar = write_tar(root, out)
     say(f"wrote {out / 'runs_summary.md'}, {out / 'runs_summary.json'}, {tar} ({tar.stat().st_size:,} bytes)")
-    R.write_report(out, scale=args.scale, runs=root, device=args.device, log=say)
+    write_report(out, scale=args.scale, runs=root, device=args.device, log=say)
     say("finished")
 
 

@@ -13,14 +13,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from cptlab import experiments as E
-from cptlab import metrics as M
-from cptlab import runner, store
+from cptlab.analysis import metrics as M
+from cptlab.analysis.runs import load_runs
+from cptlab.study import experiments as E
+from cptlab.study import paper, runner
+from cptlab.study.scales import SCALES, get_scale
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scale", default="tiny", choices=sorted(E.SCALES))
+    parser.add_argument("--scale", default="tiny", choices=sorted(SCALES))
     parser.add_argument("--base-tokens", type=int)
     parser.add_argument("--new-tokens", type=int)
     parser.add_argument("--vocab-size", type=int)
@@ -32,25 +34,25 @@ def main() -> None:
     parser.add_argument("--workers", type=int)
     args = parser.parse_args()
 
-    s = E.get_scale(args.scale)
+    s = get_scale(args.scale)
     fields = {k: v for k, v in (("base_tokens", args.base_tokens), ("new_tokens", args.new_tokens),
                                 ("vocab_size", args.vocab_size), ("max_lr", args.max_lr),
                                 ("min_lr", args.min_lr)) if v is not None}
     model = {k: v for k, v in (("n_layer", args.n_layer), ("d_model", args.d_model)) if v is not None}
     s = dataclasses.replace(s, model_overrides=tuple(sorted(model.items())), **fields)
     runs = []
-    for shift in E.SHIFTS:
-        frac = E.CHOSEN_REPLAY[shift]
-        runs += [E.continual_run("replay", f"{shift}-replay0", shift, s, root=args.root),
-                 E.continual_run("replay", f"{shift}-replay{frac:g}", shift, s, replay=frac, root=args.root),
+    for shift in paper.SHIFTS:
+        frac = paper.CHOSEN_REPLAY[shift]
+        runs += [E.continual_run("replay", f"{shift}-replay0", shift, s),
+                 E.continual_run("replay", f"{shift}-replay{frac:g}", shift, s, replay=frac),
                  E.union_run(shift, s)]
     runner.run_all(runs, args.root, workers=args.workers)
-    finals = M.add_forgetting(M.final_losses(store.load_runs([E.base_run(s), *runs], args.root)))
+    finals = M.add_forgetting(M.final_losses(load_runs([E.base_run(s), *runs], args.root)))
     print(f"scale {args.scale} with {fields} {model}")
     print(finals[["name", "D0", "D1", "avg", "forgetting"]].round(3).to_string(index=False))
-    for shift in E.SHIFTS:
+    for shift in paper.SHIFTS:
         mine = finals[finals["shift"] == shift]
-        chosen = mine[(mine["role"] == "continual") & (mine["replay"] == E.CHOSEN_REPLAY[shift])]["avg"]
+        chosen = mine[(mine["role"] == "continual") & (mine["replay"] == paper.CHOSEN_REPLAY[shift])]["avg"]
         union = mine[mine["role"] == "union"]["avg"]
         print(f"{shift}: chosen replay avg {chosen.mean():.3f} vs union {union.mean():.3f}: "
               f"{chosen.mean() / union.mean() - 1:+.1%}")

@@ -165,7 +165,7 @@ def test_schedule_explorer_renders_and_reacts(browser, lab, tmp_path):
 
 def test_run_launcher_trains_in_the_browser(browser, lab, tmp_path):
     nb = nbformat.v4.new_notebook()
-    code = ("from cptlab.widgets import RunLauncher\n\n"
+    code = ("from cptlab.ui import RunLauncher\n\n"
             "launcher = RunLauncher(scale=\"smoke\", shift=\"strong\", replay=0.05)\nlauncher")
     nb.cells = [nbformat.v4.new_code_cell(code)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}

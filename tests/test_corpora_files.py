@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-CORPORA_DIR = Path(__file__).resolve().parents[1] / "cptlab" / "corpora"
+CORPORA_DIR = Path(__file__).resolve().parents[1] / "cptlab" / "data" / "corpora"
 NAMES = ["en-man", "de-man", "en-pydoc", "en-docs"]
 SEPARATOR = "\n\x1e\n"
 MAX_XZ_BYTES = 3_000_000
@@ -81,7 +81,7 @@ def test_en_docs_mixes_python_docs_with_man_pages_that_en_man_lacks() -> None:
 @pytest.mark.slow
 def test_wheel_includes_corpora(tmp_path: Path) -> None:
     """Build a wheel offline from a copy of the sources and look for the package data in it."""
-    repo = CORPORA_DIR.parents[1]
+    repo = CORPORA_DIR.parents[2]
     src = tmp_path / "src"  # a copy, so that the build leaves no build/ or egg-info in the work tree
     shutil.copytree(repo / "cptlab", src / "cptlab", ignore=shutil.ignore_patterns("__pycache__", "*.tmp"))
     for name in ["pyproject.toml", "README.md", "LICENSE"]:
@@ -96,5 +96,5 @@ def test_wheel_includes_corpora(tmp_path: Path) -> None:
     (wheel,) = (tmp_path / "dist").glob("cptlab-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in NAMES:
-        assert f"cptlab/corpora/{name}.txt.xz" in names
-    assert "cptlab/corpora/SOURCES.md" in names
+        assert f"cptlab/data/corpora/{name}.txt.xz" in names
+    assert "cptlab/data/corpora/SOURCES.md" in names

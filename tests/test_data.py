@@ -12,9 +12,10 @@ import warnings
 import numpy as np
 import pytest
 
-from cptlab import corpus, data
+from cptlab import data
 from cptlab.config import TokenizerConfig
-from cptlab.corpus import CORPORA_DIR, SEPARATOR, SHIPPED
+from cptlab.data import corpus
+from cptlab.data.corpus import CORPORA_DIR, SEPARATOR, SHIPPED
 
 EN = ("the a manual page describes command option file name user system prints reads writes shows "
       "lists returns value error default section see also example synopsis description").split()
@@ -242,7 +243,7 @@ def test_bpe_training_is_deterministic(registry, bpe, tmp_path):
 
 
 def test_bpe_sample_is_balanced(registry):
-    from cptlab.tokenizer import balanced_sample
+    from cptlab.data.tokenizer import balanced_sample
 
     sample = balanced_sample(registry, ["en", "de", "mix"], sample_chars=5000)
     ends = np.cumsum([len(t) for t in sample])

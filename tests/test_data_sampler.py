@@ -14,7 +14,7 @@ import torch
 
 from cptlab.config import ReplayConfig
 from cptlab.data import BatchSampler, DataError
-from cptlab.sampler import permute
+from cptlab.data.sampler import permute
 
 SEQ = 8
 

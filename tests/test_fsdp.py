@@ -15,10 +15,10 @@ import pytest
 import torch
 import yaml
 
-from cptlab import runtime
 from cptlab.config import RunConfig, TrainConfig
-from cptlab.model import GPT
-from cptlab.train import train
+from cptlab.training import runtime
+from cptlab.training.model import GPT
+from cptlab.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the quick brown fox jumps over the lazy dog while a manual page explains options".split()
@@ -35,15 +35,15 @@ needs_fsdp = pytest.mark.skipif(not HAVE_FSDP2 or not torch.distributed.is_gloo_
 # A worker run by torchrun: train the config, stopping (with a checkpoint) before step STOP + 1 if given.
 WORKER = """
 import sys
-from cptlab import train as trainer
 from cptlab.config import RunConfig
-from cptlab.train import train
+from cptlab.training import distributed
+from cptlab.training.train import train
 
-for hook in ("_shard", "_checkpoint_blocks"):  # say which strategy pieces ran
-    def traced(model, _name=hook, _fn=getattr(trainer, hook)):
+for hook in ("shard", "checkpoint_blocks"):  # say which strategy pieces ran
+    def traced(model, _name=hook, _fn=getattr(distributed, hook)):
         print("RAN", _name)
         _fn(model)
-    setattr(trainer, hook, traced)
+    setattr(distributed, hook, traced)
 
 config, out, stop_after = sys.argv[1], sys.argv[2], int(sys.argv[3])
 calls = [0]
@@ -140,7 +140,7 @@ def test_two_fsdp_processes_match_one_and_resume(reference, corpus_dir, tmp_path
     out = tmp_path / "fsdp"
 
     stdout = torchrun(worker, cfg, out, stop_after=7)  # stops inside the first stage
-    assert "STATUS stopped" in stdout and "RAN _shard" in stdout and "RAN _checkpoint_blocks" in stdout
+    assert "STATUS stopped" in stdout and "RAN shard" in stdout and "RAN checkpoint_blocks" in stdout
     (ckpt,) = (out / "checkpoints").glob("step-*.pt")
     assert ckpt.name == "step-000000007.pt"
     assert "STATUS done" in torchrun(worker, cfg, out)

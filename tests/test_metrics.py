@@ -6,9 +6,10 @@ import math
 import pandas as pd
 import pytest
 
-from cptlab import metrics as M
-from cptlab import store
-from cptlab.config import ModelConfig
+from cptlab.analysis import metrics as M
+from cptlab.analysis.runs import load_experiment
+from cptlab.study import paper
+from cptlab.training.store import runs_root
 
 
 def run(run_id: str, evals: list[tuple[int, str, dict[str, float]]], **labels) -> pd.DataFrame:
@@ -100,7 +101,7 @@ def test_final_losses_from_metrics_jsonl(tmp_path):
               "d0": "en-man", "d1": "en-pydoc", "replay": 0.05, "seed": 0, "compute_tokens": 450,
               "switch_tokens": 300}
     (d / "labels.json").write_text(json.dumps(labels))
-    df = store.load_experiment(tmp_path, "replay")
+    df = load_experiment(tmp_path, "replay")
     finals = M.add_forgetting(M.final_losses(df), base=pd.DataFrame({"seed": [0], "val_en-man": [3.0]}))
     row = finals.iloc[0]
     assert (row["D0"], row["D1"], row["avg"]) == pytest.approx((3.3, 3.1, 3.2))
@@ -149,16 +150,6 @@ def test_seed_means_average_runs_that_differ_only_in_seed():
 
 # -- compute ---------------------------------------------------------------------------------------------
 
-def test_flops_per_token_is_the_models_own_formula():
-    from cptlab.model import GPT
-
-    cfg = ModelConfig(preset=None, n_layer=2, n_head=2, d_model=32, n_ctx=64, vocab_size=300)
-    expected = GPT(cfg).flops_per_token(64)
-    assert M.flops_per_token(cfg, 64) == expected
-    n = GPT.count_params(cfg, non_embedding=True) + 300 * 32
-    assert expected == 6 * n + 12 * 2 * 32 * 64
-
-
 def test_compute_counts_the_shared_base_model_apart():
     finals = M.add_compute(M.final_losses(frames(continual("x", 3.0, 2.0), union("weak", 3.0, 3.0))), 10.0)
     finals = finals.set_index("name")
@@ -203,7 +194,7 @@ def test_max_lr_table_by_run_names():
     df = frames(base(), continual("weak-constant-min", 3.1, 3.6), continual("weak-maxlr0.5x", 3.15, 3.35),
                 continual("weak-replay0", 3.2, 3.3), continual("weak-maxlr2x", 3.3, 3.25))
     table = M.max_lr_table(M.final_losses(df), "weak")
-    assert list(table.index) == list(M.MAX_LR_ROWS)
+    assert list(table.index) == list(paper.MAX_LR_ROWS)
     assert table["D0"].tolist()[2:] == pytest.approx([3.15, 3.2, 3.3])
     assert table.loc["constant at min", "forgetting"] == pytest.approx(0.1)
     assert math.isnan(table.loc["re-warm, no re-decay", "D0"])
@@ -235,7 +226,7 @@ def test_boundary_jumps_at_each_switch():
 def test_runs_root(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CPTLAB_RUNS", raising=False)
-    assert store.runs_root() == tmp_path.resolve() / "runs"
+    assert runs_root() == tmp_path.resolve() / "runs"
     monkeypatch.setenv("CPTLAB_RUNS", "elsewhere/runs")
-    assert store.runs_root() == tmp_path.resolve() / "elsewhere" / "runs"
-    assert store.runs_root().is_absolute()
+    assert runs_root() == tmp_path.resolve() / "elsewhere" / "runs"
+    assert runs_root().is_absolute()

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cptlab import model as M
 from cptlab.config import MODEL_PRESETS, ModelConfig, RunConfig
-from cptlab.model import GPT
+from cptlab.training import model as M
+from cptlab.training.model import GPT
 
 
 def small_cfg(**kw) -> ModelConfig:
@@ -184,6 +184,14 @@ def test_init_scales_residual_projections():
     assert abs(model.blocks[0].mlp.fc.weight.std().item() - 0.02) < 0.002
     assert abs(model.blocks[0].mlp.proj.weight.std().item() - 0.02 / math.sqrt(16)) < 0.001
     assert model.blocks[0].attn.qkv.bias.abs().sum() == 0
+
+
+def test_flops_per_token_from_the_config_is_the_models_own():
+    cfg = ModelConfig(preset=None, n_layer=2, n_head=2, d_model=32, n_ctx=64, vocab_size=300)
+    expected = GPT(cfg).flops_per_token(64)
+    assert GPT.count_flops_per_token(cfg, 64) == expected
+    n = GPT.count_params(cfg, non_embedding=True) + 300 * 32
+    assert expected == 6 * n + 12 * 2 * 32 * 64
 
 
 def test_flops_per_token_formula():

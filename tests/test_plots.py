@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from cptlab import plots
+from cptlab import viz
 
 B0, B1 = 1000, 500
 BASE_TOKENS = [250, 500, 750, 1000]
@@ -89,7 +89,7 @@ def warmup_frame():
 
 
 def test_plot_warmup_draws_each_run_and_the_base_on_two_panels_with_the_switch():
-    fig = plots.plot_warmup(warmup_frame())
+    fig = viz.plot_warmup(warmup_frame())
     assert_labelled(fig)
     d0_ax, d1_ax = fig.axes
     assert [d0_ax.get_title(), d1_ax.get_title()] == ["D0: en-man", "D1: en-pydoc"]
@@ -106,7 +106,7 @@ def test_plot_warmup_draws_each_run_and_the_base_on_two_panels_with_the_switch()
 
 def test_plot_warmup_names_missing_runs_and_can_leave_out_the_base():
     df = warmup_frame()
-    fig = plots.plot_warmup(df[df["warmup"] != 0.005], show_base=False)
+    fig = viz.plot_warmup(df[df["warmup"] != 0.005], show_base=False)
     assert "missing: warmup 0.5%" in fig.get_suptitle()
     assert set(lines(fig.axes[0])) == {"warmup 0.0%", "warmup 1.0%", "warmup 2.0%", "switch to D1"}
 
@@ -123,7 +123,7 @@ def max_lr_frame():
 
 
 def test_plot_max_lr_orders_variants_and_draws_the_union_final_loss():
-    fig = plots.plot_max_lr(max_lr_frame())
+    fig = viz.plot_max_lr(max_lr_frame())
     assert_labelled(fig)
     d0_ax, d1_ax = fig.axes
     drawn = lines(d0_ax)
@@ -139,9 +139,9 @@ def test_plot_max_lr_orders_variants_and_draws_the_union_final_loss():
 
 def test_plot_max_lr_union_as_curve_and_missing_runs():
     df = max_lr_frame()
-    fig = plots.plot_max_lr(df[(df["role"] != "union") & (df["name"] != "weak-maxlr2x")])
+    fig = viz.plot_max_lr(df[(df["role"] != "union") & (df["name"] != "weak-maxlr2x")])
     assert "1 of 5 runs missing; no union run" in fig.get_suptitle()
-    fig = plots.plot_max_lr(df, union_as="curve")
+    fig = viz.plot_max_lr(df, union_as="curve")
     union_curve = lines(fig.axes[0])["union baseline (D0 ∪ D1)"]
     assert data(union_curve) == ([375, 750, 1125, 1500], [6.0, 5.0, 4.5, 4.2])
 
@@ -157,7 +157,7 @@ def replay_frame(shift="weak"):
 def test_plot_replay_curves_one_curve_per_fraction_averaging_seeds():
     df = replay_frame()
     seed1 = continual("weak-replay0.25", replay=0.25, seed=1, d0_end=4.45, d1_end=5.45)
-    fig = plots.plot_replay_curves(frame(df, seed1))
+    fig = viz.plot_replay_curves(frame(df, seed1))
     assert_labelled(fig)
     d0_ax, d1_ax = fig.axes
     labels = ["no replay", "1% replay", "5% replay", "10% replay", "25% replay", "50% replay"]
@@ -171,16 +171,16 @@ def test_plot_replay_curves_one_curve_per_fraction_averaging_seeds():
 
 def test_plot_replay_curves_picks_one_shift():
     df = frame(replay_frame("weak"), replay_frame("strong").query("role != 'base'"))
-    fig = plots.plot_replay_curves(df, shift="strong")
+    fig = viz.plot_replay_curves(df, shift="strong")
     assert fig.axes[1].get_title() == "D1: de-man" and "showing" not in fig.get_suptitle()
     assert data(lines(fig.axes[1])["no replay"])[1] == pytest.approx([6.6, 5.8, 5.0])
-    fig = plots.plot_replay_curves(df)
+    fig = viz.plot_replay_curves(df)
     assert "showing the strong shift of strong, weak" in fig.get_suptitle()
 
 
 def test_plot_replay_table_final_losses_against_replay():
     df = replay_frame("strong")
-    fig = plots.plot_replay_table(df.query("replay != 0.01"), last=2)
+    fig = viz.plot_replay_table(df.query("replay != 0.01"), last=2)
     assert_labelled(fig, "replay (compute-equivalent, of D0)")
     d0_ax, d1_ax, avg_ax = fig.axes
     assert "missing: 1%" in fig.get_suptitle()
@@ -199,7 +199,7 @@ def test_plot_replay_table_final_losses_against_replay():
 
 def test_plot_replay_table_takes_one_row_per_run():
     finals = replay_frame().groupby("run_id").tail(1)  # as metrics.final_losses gives
-    fig = plots.plot_replay_table(finals)
+    fig = viz.plot_replay_table(finals)
     _, y = data(lines(fig.axes[1])["continual + replay"])
     assert y == pytest.approx([5.0, 5.01, 5.05, 5.1, 5.25, 5.5])
     assert "missing" not in fig.get_suptitle()
@@ -210,7 +210,7 @@ def test_plot_replay_table_takes_one_row_per_run():
 def test_plot_compute_vs_loss_union_line_and_continual_markers():
     runs = [continual("weak-replay0.05", replay=0.05, d0_end=4.2, d1_end=5.0), continual("weak-replay0")]
     df = frame(*runs, union(compute=1500), union(compute=2250, d0_end=4.0, d1_end=4.8), union(compute=3000))
-    fig = plots.plot_compute_vs_loss(df, last=1)
+    fig = viz.plot_compute_vs_loss(df, last=1)
     assert_labelled(fig, "compute (tokens)")
     ax = fig.axes[0]
     drawn = lines(ax)
@@ -218,7 +218,7 @@ def test_plot_compute_vs_loss_union_line_and_continual_markers():
     assert data(drawn["continual, 5% replay"]) == ([1500], [4.6])
     assert data(drawn["continual, no replay"]) == ([1500], [4.65])
     assert switch_xs(ax) == [B0]
-    flops = plots.plot_compute_vs_loss(df, last=1, flops_per_token=6.0)
+    flops = viz.plot_compute_vs_loss(df, last=1, flops_per_token=6.0)
     assert flops.axes[0].get_xlabel() == "compute (FLOPs)"
     assert data(lines(flops.axes[0])["union baseline"])[0] == [9000, 13500, 18000]
     assert switch_xs(flops.axes[0]) == [6 * B0]
@@ -230,7 +230,7 @@ def test_plot_rewarm_same_data_d0_loss_with_variants():
     runs = [continual("d0-maxlr2x", "same", d1="en-man", max_lr=6e-3, variant="re-warm to 0.006"),
             continual("d0-constant-min", "same", d1="en-man", schedule="constant", max_lr=3e-4,
                       variant="constant at min LR", d0_end=3.9)]
-    fig = plots.plot_rewarm_same_data(frame(base(), *runs))
+    fig = viz.plot_rewarm_same_data(frame(base(), *runs))
     assert_labelled(fig)
     ax = fig.axes[0]
     drawn = lines(ax)
@@ -260,7 +260,7 @@ def infinite_frame():
 
 
 def test_plot_infinite_lines_anneal_markers_and_chunk_boundaries():
-    fig = plots.plot_infinite(infinite_frame())
+    fig = viz.plot_infinite(infinite_frame())
     assert_labelled(fig)
     ax = fig.axes[0]
     drawn = lines(ax)
@@ -277,7 +277,7 @@ def test_plot_infinite_lines_anneal_markers_and_chunk_boundaries():
 
 def test_plot_infinite_names_a_missing_schedule():
     df = infinite_frame()
-    fig = plots.plot_infinite(df[df["schedule"] != "wsd"], eval_set="en-pydoc")
+    fig = viz.plot_infinite(df[df["schedule"] != "wsd"], eval_set="en-pydoc")
     assert "missing: WSD" in fig.axes[0].get_title()
     assert "WSD" not in lines(fig.axes[0])
 
@@ -285,7 +285,7 @@ def test_plot_infinite_names_a_missing_schedule():
 # -- forgetting curves -------------------------------------------------------------------------------
 
 def test_plot_forgetting_strategies_and_union_curve():
-    fig = plots.plot_forgetting(replay_frame("strong"), replays=[0.0, 0.25])
+    fig = viz.plot_forgetting(replay_frame("strong"), replays=[0.0, 0.25])
     assert_labelled(fig)
     d0_ax, d1_ax = fig.axes
     drawn = lines(d0_ax)
@@ -299,9 +299,9 @@ def test_plot_forgetting_strategies_and_union_curve():
 
 # -- every figure ------------------------------------------------------------------------------------
 
-CURVES = [plots.plot_warmup, plots.plot_max_lr, plots.plot_replay_curves, plots.plot_forgetting]
-ALL = CURVES + [plots.plot_replay_table, plots.plot_compute_vs_loss, plots.plot_rewarm_same_data,
-                plots.plot_infinite]
+CURVES = [viz.plot_warmup, viz.plot_max_lr, viz.plot_replay_curves, viz.plot_forgetting]
+ALL = CURVES + [viz.plot_replay_table, viz.plot_compute_vs_loss, viz.plot_rewarm_same_data,
+                viz.plot_infinite]
 
 
 @pytest.mark.parametrize("plot", ALL, ids=lambda f: f.__name__)
@@ -328,15 +328,15 @@ def test_draws_into_given_axes(plot):
 
 def test_figures_save_as_png(tmp_path):
     df = frame(replay_frame(), union(compute=3000))
-    for i, fig in enumerate([plots.plot_replay_curves(df), plots.plot_compute_vs_loss(df),
-                             plots.plot_infinite(infinite_frame())]):
+    for i, fig in enumerate([viz.plot_replay_curves(df), viz.plot_compute_vs_loss(df),
+                             viz.plot_infinite(infinite_frame())]):
         path = tmp_path / f"{i}.png"
         fig.savefig(path, dpi=40)
         assert path.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_plot_paper_schedules_three_stages_in_two_panels():
-    fig = plots.plot_paper_schedules(n_stages=3, stage_tokens=100e9, steps_per_stage=100)
+    fig = viz.plot_paper_schedules(n_stages=3, stage_tokens=100e9, steps_per_stage=100)
     left, right = fig.axes
     assert list(lines(left))[:3] == ["repeated cosine", "infinite cosine", "infinite inv-sqrt"]
     assert list(lines(right))[:2] == ["repeated cosine", "WSD (1-sqrt decay)"]

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from cptlab import plots
 from cptlab import schedules as S
+from cptlab import viz
+from cptlab.study import paper
 
 COSINE = dict(kind="cosine", max_lr=1.0, min_lr=0.1, warmup=0.1)
 INFINITE = dict(kind="infinite_cosine", max_lr=1.0, min_lr=0.1, const_lr=0.4, warmup=0.1, cooldown=0.5,
@@ -19,7 +20,7 @@ def lines_by_label(ax):
 def test_plot_schedules_data_boundaries_and_labels():
     repeated = [(COSINE, 50), (COSINE, 50)]
     infinite = S.multi_stage(INFINITE, 2, 50)
-    fig = plots.plot_schedules({"repeated cosine": repeated, "infinite cosine": infinite},
+    fig = viz.plot_schedules({"repeated cosine": repeated, "infinite cosine": infinite},
                                tokens_per_step=1000)
     assert isinstance(fig, Figure) and len(fig.axes) == 1
     ax = fig.axes[0]
@@ -43,24 +44,24 @@ def test_plot_schedules_data_boundaries_and_labels():
 def test_plot_schedules_into_given_axes_per_label_scale_and_steps_axis():
     fig = Figure()
     ax = fig.add_subplot()
-    out = plots.plot_schedules({"a": [(COSINE, 20)], "b": [(COSINE, 10), (COSINE, 10)]},
+    out = viz.plot_schedules({"a": [(COSINE, 20)], "b": [(COSINE, 10), (COSINE, 10)]},
                                tokens_per_step={"a": 2.0, "b": 4.0}, ax=ax, title="t")
     assert out is fig and ax.get_title() == "t"
     lines = lines_by_label(ax)
     assert lines["a"].get_xdata()[-1] == 38.0 and lines["b"].get_xdata()[-1] == 76.0
     assert [ln.get_xdata()[0] for ln in ax.get_lines() if ln.get_linestyle() == ":"] == [40.0]
-    steps = plots.plot_schedules({"a": [(COSINE, 20)]})
+    steps = viz.plot_schedules({"a": [(COSINE, 20)]})
     assert steps.axes[0].get_xlabel() == "step"
 
 
 def test_figure_saves_as_png(tmp_path):
-    fig = plots.plot_schedules({name: S.multi_stage(spec, 3, 100) for name, spec in S.PAPER_405M.items()},
-                               tokens_per_step=2.26e6)
+    plans = {name: S.multi_stage(spec, 3, 100) for name, spec in paper.SCHEDULES_405M.items()}
+    fig = viz.plot_schedules(plans, tokens_per_step=2.26e6)
     path = tmp_path / "schedules.png"
     fig.savefig(path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_format_tokens():
-    assert [plots.format_tokens(n) for n in (0, 512, 65_536, 2.26e6, 300e9, 1.2e12)] == [
+    assert [viz.format_tokens(n) for n in (0, 512, 65_536, 2.26e6, 300e9, 1.2e12)] == [
         "0", "512", "65.54k", "2.26M", "300B", "1.2T"]

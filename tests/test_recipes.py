@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from cptlab import corpus, recipes, schedules
-from cptlab.config import RunConfig
-from cptlab.corpus import Registry
+from cptlab import schedules
+from cptlab.config import RunConfig, RunRef
+from cptlab.data import corpus
+from cptlab.data.corpus import Registry
+from cptlab.study import recipes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "paper"
@@ -55,9 +57,9 @@ def test_every_recipe_loads_and_validates_offline(path, no_hub):
             new[name] = new.get(name, 0) + st.tokens * (1 - replay) * weight / total
         if st.replay:
             assert cfg.corpora[st.replay.source]["max_tokens"] >= st.tokens * replay
-        if st.init_from.endswith(".pt"):  # another recipe of the same variant, to be trained first
-            run = Path(st.init_from).relative_to(f"runs/paper/{path.parent.name}").parts[0]
-            assert (path.parent / f"{run}.yaml").exists()
+        if isinstance(st.init_from, RunRef):  # another recipe of the same variant, to be trained first
+            assert st.init_from.experiment == path.parent.name
+            assert (path.parent / f"{st.init_from.run}.yaml").exists()
     assert all(cfg.corpora[n]["max_tokens"] >= tokens for n, tokens in new.items())
 
 
@@ -75,7 +77,7 @@ def test_405m_recipes_follow_the_paper():
             st = rs[f"{shift}-replay{percent}"].stages[0]
             assert st.tokens == tokens and st.data == {d1: 1.0} and st.reset_optimizer
             assert (st.replay.fraction if st.replay else 0.0) == percent / 100
-            assert st.init_from == "runs/paper/405m/pile-base/checkpoints/stage-pretrain.pt"
+            assert st.init_from == RunRef("405m", "pile-base", "pretrain")  # in the store runs/paper
     assert rs["weak-union"].stages[0].tokens == 600e9
     assert rs["weak-union"].stages[0].data == {"pile": 0.5, "slimpajama": 0.5}
     assert rs["strong-union"].stages[0].tokens == 500e9
@@ -109,7 +111,7 @@ def test_chunk_schedules_over_three_chunks():
             assert lr(step) == pytest.approx(flat, rel=1e-6), (kind, step)
         for c in (1, 2):  # a branch anneals from the constant phase at 90% of chunk c to min_lr
             branch = rs[f"chunks-{kind}-anneal{c}"].stages[0]
-            assert branch.init_from == f"runs/paper/405m/chunks-{kind}/checkpoints/stage-chunk{c}.pt"
+            assert branch.init_from == RunRef("405m", f"chunks-{kind}", f"chunk{c}")
             assert branch.tokens == 10e9 and not branch.reset_optimizer
             f = schedules.build(branch.schedule.to_spec(), branch.tokens // batch)
             assert f(0) == pytest.approx(flat) and f(branch.tokens // batch - 1) == pytest.approx(3e-5)

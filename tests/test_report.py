@@ -3,17 +3,22 @@ rule says no when its finding is broken and "not run" when a run it needs is mis
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from cptlab import cli, metrics
-from cptlab import experiments as E
-from cptlab import report as R
-from cptlab.runner import run_dir
+from cptlab import cli
+from cptlab.analysis import findings as F
+from cptlab.analysis import metrics
+from cptlab.analysis import report as R
+from cptlab.analysis import results as T
+from cptlab.study import experiments as E
+from cptlab.study.runner import run_dir
+from cptlab.study.scales import SCALES
 
-SCALE = E.SCALES["smoke"]
+SCALE = SCALES["smoke"]
 BASE = {"en-man": 3.0, "en-docs": 4.0, "de-man": 5.0}  # the base model's final losses
 D1_END = {"en-docs": 3.3, "de-man": 2.3}  # continual D1 at 0% replay and 1x max LR
 FORGET = {"weak": 0.2, "strong": 0.4}  # D0 rise at 0% replay and 1x max LR
@@ -100,11 +105,11 @@ def fake_lines(run: E.Run, seed_offset: float = 0.0) -> list[dict]:
     return lines
 
 
-def write_store(root: Path, seeds: tuple[int, ...] = (0,), keys: tuple[str, ...] = R.EXPERIMENTS) -> None:
+def write_store(root: Path, seeds: tuple[int, ...] = (0,), keys: tuple[str, ...] = T.EXPERIMENTS) -> None:
     """Every run of the smoke scale's experiments ``keys``, finished, with made-up metrics (seed s adds
     0.01 s to every loss)."""
     runs = {}
-    for key, group in R.experiment_runs("smoke", root, seeds=seeds).items():
+    for key, group in T.experiment_runs("smoke", seeds=seeds).items():
         if key not in keys:
             continue
         for run in group:
@@ -127,12 +132,12 @@ def store(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def good(store) -> R.Results:
-    return R.collect_results("smoke", store)
+def good(store) -> T.Results:
+    return T.collect_results("smoke", store)
 
 
-def changed(res: R.Results, key: str, name: str, column: str, delta: float = 0.0, *, last_only: bool = False,
-            value: float | None = None) -> R.Results:
+def changed(res: T.Results, key: str, name: str, column: str, delta: float = 0.0, *, last_only: bool = False,
+            value: float | None = None) -> T.Results:
     """A copy of ``res`` where run ``name`` of experiment ``key`` has ``column`` moved by ``delta`` (or set
     to ``value``) on every evaluation after its start (or on its last one only)."""
     frames = {k: df.copy() for k, df in res.frames.items()}
@@ -143,31 +148,31 @@ def changed(res: R.Results, key: str, name: str, column: str, delta: float = 0.0
         last = df[rows].sort_values("step").index[-1]
         rows = df.index == last
     df.loc[rows, column] = value if value is not None else df.loc[rows, column] + delta
-    return R.Results(frames, res.flops_per_token, scale=res.scale)
+    return T.Results(frames, res.flops_per_token, scale=res.scale)
 
 
-def dropped(res: R.Results, key: str, name: str) -> R.Results:
+def dropped(res: T.Results, key: str, name: str) -> T.Results:
     frames = {k: df.copy() for k, df in res.frames.items()}
     frames[key] = frames[key][frames[key]["name"] != name]
-    return R.Results(frames, res.flops_per_token, scale=res.scale)
+    return T.Results(frames, res.flops_per_token, scale=res.scale)
 
 
-def verdict(res: R.Results, key: str) -> R.Verdict:
-    finding = next(f for f in R.FINDINGS if f.key == key)
+def verdict(res: T.Results, key: str) -> F.Verdict:
+    finding = next(f for f in F.FINDINGS if f.key == key)
     return finding.judge(res)
 
 
 # -- every finding holds -----------------------------------------------------------------------------------
 
 def test_made_up_store_reproduces_every_finding(good):
-    verdicts = R.judge_all(good)
-    assert [v.status for _, v in verdicts] == ["yes"] * len(R.FINDINGS), \
+    verdicts = F.judge_all(good)
+    assert [v.status for _, v in verdicts] == ["yes"] * len(F.FINDINGS), \
         "\n".join(f"{f.key}: {v.status} {v.measured}" for f, v in verdicts)
 
 
 def test_replay_table_from_the_store_averages_the_seeds(good):
     assert sorted(good.frame("base")["seed"].unique()) == [0, 1]  # seed 1 found beside the scale's seed 0
-    table = R.replay_tables(good)["weak"]
+    table = T.replay_tables(good)["weak"]
     assert list(table.index) == list(metrics.REPLAY_ROWS)
     assert table["n_seeds"].tolist() == [2] * len(table)
     assert table.loc["0%", "D0"] == pytest.approx(3.2 + 0.005)
@@ -218,7 +223,7 @@ def test_infinite_jump_across_a_chunk_boundary_says_no(good):
     df = frames["infinite"]
     rows = (df["name"] == "sched-infinite_cosine") & (df["tokens"] > SCALE.chunk_tokens)
     df.loc[rows, "val_en-docs"] += 0.5
-    v = verdict(R.Results(frames, good.flops_per_token), "infinite")
+    v = verdict(T.Results(frames, good.flops_per_token), "infinite")
     assert v.status == "no" and "rises across a chunk boundary" in v.measured
 
 
@@ -228,7 +233,7 @@ def test_compute_ratio_above_half_says_no(good):
     smallest = df[df["role"] == "union"]["compute_tokens"].min()
     union = (df["role"] == "union") & (df["compute_tokens"] == smallest)
     df.loc[union, "compute_tokens"] = SCALE.new_tokens  # a union as cheap as the continual run
-    assert verdict(R.Results(frames, good.flops_per_token), "compute").status == "no"
+    assert verdict(T.Results(frames, good.flops_per_token), "compute").status == "no"
 
 
 # -- missing runs say "not run" -----------------------------------------------------------------------------
@@ -247,13 +252,13 @@ def test_missing_runs_say_not_run(good):
 
 
 def test_scale_study_table_and_a_missing_size(good):
-    table = R.scale_table(good, "weak")
+    table = T.scale_table(good, "weak")
     assert list(table["d_model"]) == [16, 32]  # the smoke ladder's rung, then the smoke model
     assert table["forgetting 0%"].tolist() == pytest.approx([0.2, 0.2])
     assert (table["base tokens"].iloc[0] < table["base tokens"].iloc[1])
     frames = {k: df.copy() for k, df in good.frames.items()}
     frames["scales"] = frames["scales"][frames["scales"]["d_model"] != 16]  # a whole size not run
-    v = verdict(R.Results(frames, good.flops_per_token, scale=good.scale), "scale-union")
+    v = verdict(T.Results(frames, good.flops_per_token, scale=good.scale), "scale-union")
     assert v.status == "not run" and "1 of 2 model sizes" in v.measured
 
 
@@ -263,8 +268,8 @@ def test_scale_study_with_only_base_models_and_unions_says_not_run(good):
     df = frames["scales"]
     assert "replay" in df.columns
     frames["scales"] = df[df["role"] != "continual"].drop(columns="replay")
-    res = R.Results(frames, good.flops_per_token, scale=good.scale)
-    assert R.scale_table(res, "weak")["forgetting 0%"].isna().all()
+    res = T.Results(frames, good.flops_per_token, scale=good.scale)
+    assert T.scale_table(res, "weak")["forgetting 0%"].isna().all()
     assert verdict(res, "scale-replay").status == "not run"
     assert verdict(res, "scale-union").status == "not run"
 
@@ -279,19 +284,34 @@ def test_nothing_run_says_not_run_everywhere_and_writes_a_report(tmp_path):
     assert cli.main(["report", str(out), "--scale", "smoke", "--runs", str(tmp_path / "empty")]) == 0
     text = (out / "REPORT.md").read_text()
     assert "Finished runs: 0 of the " in text
-    assert text.count("| **not run** |") == len(R.FINDINGS)
+    assert text.count("| **not run** |") == len(F.FINDINGS)
     assert "**yes**" not in text and "**no**" not in text
-    verdicts = R.judge_all(R.Results())
+    verdicts = F.judge_all(T.Results())
     assert {v.status for _, v in verdicts} == {"not run"}
 
 
+def test_a_moved_run_store_gives_the_same_report(store, tmp_path):
+    """Copy the store elsewhere (the original is left in place but not asked): every run is found and
+    every finding judged alike."""
+    moved = tmp_path / "elsewhere" / "runs"
+    shutil.copytree(store, moved)
+    reports, out = {}, tmp_path / "report"
+    for name, root in (("here", store), ("moved", moved)):
+        assert cli.main(["report", str(out), "--scale", "smoke", "--runs", str(root)]) == 0
+        reports[name] = (out / "REPORT.md").read_text().split("\n", 3)[3]  # after the header naming root
+    assert reports["here"] == reports["moved"]
+    here, there = T.collect_results("smoke", store), T.collect_results("smoke", moved)
+    assert there.finished == there.expected == here.finished == here.expected > 0
+    assert f"**{len(F.FINDINGS)} of {len(F.FINDINGS)} findings reproduced**" in reports["moved"]
+
+
 def test_unfinished_runs_are_ignored(store):
-    sweep = E.replay_sweep("weak", "smoke", seeds=(0, 1), root=str(store))
+    sweep = E.replay_sweep("weak", "smoke", seeds=(0, 1))
     runs = [r for r in sweep if r.name == "weak-replay0.5"]
     for run in runs:
         (run_dir(run, store) / "DONE").unlink()
     try:
-        res = R.collect_results("smoke", store)
+        res = T.collect_results("smoke", store)
     finally:
         for run in runs:
             (run_dir(run, store) / "DONE").write_text("")
@@ -309,16 +329,16 @@ def test_report_file_with_figures_and_tables(good, tmp_path):
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_bytes(b"\x89PNG")
     text = R.write_report(out, scale="smoke", results=good, log=None).read_text()
-    assert text.count("| **yes** |") == len(R.FINDINGS)
+    assert text.count("| **yes** |") == len(F.FINDINGS)
     rows = {line.split(" | ")[1]: line for line in text.split("## Final losses")[0].splitlines()
             if line.startswith("| ") and line[2].isdigit()}
-    assert len(rows) == len(R.FINDINGS)
+    assert len(rows) == len(F.FINDINGS)
     link = "03_replay-weak/replay_curves_weak.png"
-    assert f"[{link}]({link})" in rows[R.FINDINGS[0].claim]
-    assert "(02_rewarming/warmup.png)" in rows[R.FINDINGS[5].claim]
-    assert "(02_rewarming/max_lr_strong.png)" in rows[R.FINDINGS[4].claim]
-    assert "max_lr" not in rows[R.FINDINGS[5].claim]
-    assert "(06_compute-strong/compute_strong.png)" in rows[R.FINDINGS[8].claim]
+    assert f"[{link}]({link})" in rows[F.FINDINGS[0].claim]
+    assert "(02_rewarming/warmup.png)" in rows[F.FINDINGS[5].claim]
+    assert "(02_rewarming/max_lr_strong.png)" in rows[F.FINDINGS[4].claim]
+    assert "max_lr" not in rows[F.FINDINGS[5].claim]
+    assert "(06_compute-strong/compute_strong.png)" in rows[F.FINDINGS[8].claim]
     assert "![replay_curves_weak](03_replay-weak/replay_curves_weak.png)" in text
     for title in ("Replay, weak shift", "Replay, strong shift", "Max LR, strong shift", "Warmup length",
                   "Re-warming", "Infinite schedules", "Compute vs average loss, weak shift"):
@@ -329,11 +349,11 @@ def test_report_file_with_figures_and_tables(good, tmp_path):
 
 def test_figures_for_prefers_keywords_and_falls_back_to_the_notebook(tmp_path):
     figs = [tmp_path / "02_rewarming" / n for n in ("warmup.png", "max_lr.png", "other.png")]
-    warmup = next(f for f in R.FINDINGS if f.key == "warmup")
+    warmup = next(f for f in F.FINDINGS if f.key == "warmup")
     assert R.figures_for(warmup, figs, tmp_path) == [figs[0]]
-    d0 = next(f for f in R.FINDINGS if f.key == "d0-rewarm")
+    d0 = next(f for f in F.FINDINGS if f.key == "d0-rewarm")
     assert R.figures_for(d0, figs, tmp_path) == figs  # no D0 figure: every figure of its notebook
-    compute = next(f for f in R.FINDINGS if f.key == "compute")
+    compute = next(f for f in F.FINDINGS if f.key == "compute")
     assert R.figures_for(compute, figs, tmp_path) == []
 
 
@@ -347,26 +367,26 @@ def test_md_table_formats():
 
 
 def test_partial_results_never_crash(good):
-    only_base = R.Results({"base": good.frame("base")}, good.flops_per_token)
-    verdicts = R.judge_all(only_base)
+    only_base = T.Results({"base": good.frame("base")}, good.flops_per_token)
+    verdicts = F.judge_all(only_base)
     assert {v.status for _, v in verdicts} == {"not run"}
     assert not any("could not judge" in v.measured for _, v in verdicts)
     assert "| **not run** |" in R.render_report(only_base, ".", verdicts=verdicts)
 
 
 def test_scale_study_figures_draw_every_size(good):
-    from cptlab import plots
+    from cptlab import viz
 
     finals = metrics.final_losses(good.frame("scales"))
-    fig = plots.plot_scale_forgetting(finals)
+    fig = viz.plot_scale_forgetting(finals)
     assert [ax.get_title() for ax in fig.axes] == ["weak shift (en-man -> en-docs), chosen replay 5%",
                                                    "strong shift (en-man -> de-man), chosen replay 25%"]
     no_replay, replay = fig.axes[0].get_lines()[:2]
     assert no_replay.get_ydata().tolist() == pytest.approx([0.2, 0.2])  # FORGET["weak"] at both sizes
     assert replay.get_ydata().tolist() == pytest.approx([0.2 * 0.9, 0.2 * 0.9])  # 5% replay
-    fig = plots.plot_scale_compute(good.frame("scales"))  # eval lines work too
+    fig = viz.plot_scale_compute(good.frame("scales"))  # eval lines work too
     union, continual = fig.axes[1].get_lines()[:2]
     assert len(union.get_xdata()) == 2 and union.get_xdata()[0] < union.get_xdata()[1]
     assert (continual.get_xdata() < union.get_xdata()).all()  # the continual run pays only for its stage
-    empty = plots.plot_scale_forgetting(pd.DataFrame())
+    empty = viz.plot_scale_forgetting(pd.DataFrame())
     assert "no runs" in empty.axes[0].get_title()

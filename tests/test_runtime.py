@@ -11,9 +11,9 @@ import textwrap
 import pytest
 import torch
 
-from cptlab import runtime
 from cptlab.config import ModelConfig, TrainConfig
-from cptlab.model import GPT
+from cptlab.training import runtime
+from cptlab.training.model import GPT
 
 
 def make_model(seed: int = 0, **kw) -> GPT:
@@ -202,7 +202,7 @@ def test_reexec_with_tuned_malloc(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(textwrap.dedent("""
         import os, sys
-        from cptlab import runtime
+        from cptlab.training import runtime
         runtime.reexec_with_tuned_malloc()
         print(os.environ.get("MALLOC_TOP_PAD_"), runtime.malloc_env_is_tuned(), sys.argv[1:])
     """))

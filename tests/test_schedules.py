@@ -6,7 +6,9 @@ from types import SimpleNamespace
 import pytest
 
 from cptlab import schedules as S
-from cptlab.config import ConfigError, RunConfig, ScheduleConfig
+from cptlab.config import ConfigError, RunConfig
+from cptlab.schedules import ScheduleConfig
+from cptlab.study import paper
 
 MAX, MIN = 1.0, 0.1  # an LR of order 1 makes an absolute 1e-12 a strict check
 
@@ -50,7 +52,7 @@ def test_cosine_without_warmup_starts_at_max():
 
 
 def test_cosine_with_paper_values():
-    f = S.build(S.PAPER_405M["cosine"], 2000)  # T_w = 20
+    f = S.build(paper.SCHEDULES_405M["cosine"], 2000)  # T_w = 20
     assert f(10) == pytest.approx(1.5e-4, rel=1e-12)
     assert f(20) == pytest.approx(3e-4, rel=1e-12)
     assert f(1999) == pytest.approx(3e-5, rel=1e-12)
@@ -87,7 +89,7 @@ def test_infinite_inv_sqrt_alpha():
 def test_infinite_default_const_lr_and_paper_values():
     f = S.build(dict(kind="infinite_cosine", max_lr=MAX, min_lr=MIN, warmup=0.0, cooldown=0.5), 100)
     assert close(f(50), 0.55)  # (max + min) / 2
-    g = S.build(S.PAPER_405M["infinite_inv_sqrt"], 1000)
+    g = S.build(paper.SCHEDULES_405M["infinite_inv_sqrt"], 1000)
     assert g(10) == pytest.approx(3e-4, rel=1e-12)
     assert g(610) == pytest.approx(1.65e-4, rel=1e-12)
     assert g(999) == pytest.approx(1.65e-4, rel=1e-12)
@@ -136,11 +138,11 @@ def test_one_step_stage_and_defaults():
 
 
 def test_presets_are_valid():
-    for kind, spec in S.PAPER_405M.items():
+    for kind, spec in paper.SCHEDULES_405M.items():
         S.validate_spec(spec)
         assert spec["kind"] == kind
-    paper = dict(max_lr=3e-4, min_lr=3e-5, const_lr=1.65e-4, warmup=0.01, cooldown=0.6, alpha=10.0)
-    assert paper == S.PAPER_405M_VALUES
+    values = dict(max_lr=3e-4, min_lr=3e-5, const_lr=1.65e-4, warmup=0.01, cooldown=0.6, alpha=10.0)
+    assert values == paper.LR_405M
 
 
 # -- bad specs -------------------------------------------------------------------------------------
@@ -264,7 +266,7 @@ def test_wsd_and_constant_plans_do_not_rewarm():
 
 
 def test_lr_values_matches_compose():
-    plan = S.multi_stage(S.PAPER_405M["infinite_cosine"], 2, 50)
+    plan = S.multi_stage(paper.SCHEDULES_405M["infinite_cosine"], 2, 50)
     f = S.compose(plan)
     assert S.lr_values(plan) == [f(t) for t in range(100)]
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cptlab import corpus, data, shards
-from cptlab.corpus import STREAM_VAL_MAX_TOKENS, doc_key
+from cptlab import data
+from cptlab.data import corpus, shards
+from cptlab.data.corpus import STREAM_VAL_MAX_TOKENS, doc_key
 
 WORDS = "the quick brown fox jumps over a lazy dog while the manual page explains every option".split()
 N_DOCS = 240

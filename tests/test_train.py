@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,10 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cptlab import runtime
 from cptlab.config import ConfigError, RunConfig
-from cptlab.store import RunDirError
-from cptlab.train import TrainingDiverged, train
+from cptlab.training import runtime
+from cptlab.training.store import RunDirError
+from cptlab.training.train import TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS_A = "the quick brown fox jumps over the lazy dog while a manual page explains options".split()
@@ -220,6 +221,39 @@ def test_a_stage_can_start_from_another_runs_checkpoint(reference, corpus_dir, t
     assert mine[0]["tokens"] == 6144 and mine[0]["val"] == theirs[5]["val"]  # the base model's losses
     flat = lambda records: [r["val"][k] for r in records for k in sorted(r["val"])]  # noqa: E731
     assert flat(mine[1:]) == pytest.approx(flat(theirs[6:]), abs=1e-6)
+
+
+def test_a_run_reference_is_found_in_the_store_that_holds_the_run_wherever_it_moves(
+        reference, corpus_dir, tmp_path):
+    """init_from names a run of the store; the run store is copied elsewhere halfway through the continual
+    run, which resumes there (its base checkpoint found in the new place) and ends as if never moved."""
+    store = tmp_path / "store"
+    shutil.copytree(reference, store / "exp" / "base-run")
+    cfg = small_config(corpus_dir)
+    cont = dict(cfg["stages"][1], init_from={"experiment": "exp", "run": "base-run", "stage": "pretrain"})
+    cfg["stages"] = [cont]
+    calls = []
+    stopped = train(RunConfig.from_dict(cfg), store / "exp" / "cont", quiet=True,
+                    stop=lambda: calls.append(1) or len(calls) > 3)
+    assert stopped.status == "stopped"
+    moved = tmp_path / "elsewhere" / "store"
+    shutil.copytree(store, moved)
+    shutil.rmtree(store)  # the old place is gone: only the new one can serve the base checkpoint
+    assert train(RunConfig.from_dict(cfg), moved / "exp" / "cont", quiet=True).status == "done"
+    mine = [r for r in _read(moved / "exp" / "cont") if "val" in r]
+    theirs = [r for r in _read(reference) if "val" in r]
+    assert mine[0]["val"] == theirs[5]["val"]  # started from the base model's end of pretraining
+    flat = lambda records: [r["val"][k] for r in records for k in sorted(r["val"])]  # noqa: E731
+    assert flat(mine[1:]) == pytest.approx(flat(theirs[6:]), abs=1e-6)
+
+
+def test_a_run_reference_missing_from_the_store_is_a_config_error_before_training(corpus_dir, tmp_path):
+    cfg = small_config(corpus_dir)
+    cfg["stages"][1]["init_from"] = {"experiment": "exp", "run": "nope", "stage": "pretrain"}
+    with pytest.raises(ConfigError, match=r"stages\[1\] \(continue\)\.init_from: run exp/nope \(stage "
+                                          r"pretrain\) has no checkpoint .* in the run store"):
+        train(RunConfig.from_dict(cfg), tmp_path / "exp" / "run", quiet=True)
+    assert not (tmp_path / "exp" / "run").exists()  # nothing was written
 
 
 @pytest.mark.slow

@@ -7,12 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from cptlab import experiments as E
-from cptlab import metrics as M
-from cptlab import runner, store
 from cptlab import schedules as S
-from cptlab.train import train
-from cptlab.widgets import ResultsBrowser, RunLauncher
+from cptlab.analysis import metrics as M
+from cptlab.analysis.runs import eval_frame, load_runs
+from cptlab.study import experiments as E
+from cptlab.study import paper, runner
+from cptlab.study.scales import SCALES
+from cptlab.training.store import runs_root
+from cptlab.training.train import train
+from cptlab.ui import ResultsBrowser, RunLauncher
 
 SHIFT = "strong"
 
@@ -21,8 +24,8 @@ SHIFT = "strong"
 def root():
     """The session's run store with the smoke base model, the strong shift's 0% and 25% replay runs and
     its union baseline (shared with the notebooks under nbmake, which reuse them)."""
-    path = store.runs_root()
-    sweep = E.replay_sweep(SHIFT, "smoke", root=str(path))
+    path = runs_root()
+    sweep = E.replay_sweep(SHIFT, "smoke")
     runs = [r for r in sweep if r.labels.get("replay") in (0.0, 0.25) or r.labels["role"] == "union"]
     runner.run_all(runs, path, workers=1, log=lambda _: None)
     return path
@@ -37,7 +40,7 @@ def _comparable(records):
 
 
 def launcher(root, **controls) -> RunLauncher:
-    la = RunLauncher(scale="smoke", root=root)
+    la = RunLauncher(scale="smoke")
     with la.schedule.hold():
         for name, value in controls.items():
             control = getattr(la, name, None) or getattr(la.schedule, name)
@@ -51,7 +54,7 @@ def test_constructing_and_displaying_trains_nothing(tmp_path):
     assert la.thread is None and not any(tmp_path.iterdir())
     assert "new: Train trains it (after the base model" in la.status.value
     # the schedule preview is the continual stage's exact LR per step, before anything trains
-    s = E.SCALES["smoke"]
+    s = SCALES["smoke"]
     n_steps = s.new_tokens // (s.seq_len * s.batch_size)
     def planned() -> list[float]:
         lr_at = S.build(la.run().config.stages[0].schedule.to_spec(), n_steps)
@@ -78,7 +81,7 @@ def test_a_stored_run_of_the_same_config_is_loaded_not_trained(root):
     evals = [r for r in _metrics(runner.run_dir(run, root)) if "val" in r]
     x, y = la.curves()["D0"]
     np.testing.assert_array_equal(x, [r["tokens"] for r in evals])
-    np.testing.assert_array_equal(y, [r["val"][E.D0] for r in evals])
+    np.testing.assert_array_equal(y, [r["val"][paper.D0] for r in evals])
     assert la.progress.value == 1.0 and len(la.curves()["base D0"][0]) > 0
 
 
@@ -97,9 +100,9 @@ def test_train_draws_every_evaluation_live(root):
     evals = [r for r in lines if "val" in r]
     assert seen == list(range(1, len(evals) + 1))
     curves = la.curves()
-    d1 = E.SHIFTS[SHIFT]
+    d1 = paper.SHIFTS[SHIFT]
     np.testing.assert_array_equal(curves["D0"][0], [r["tokens"] for r in evals])
-    np.testing.assert_array_equal(curves["D0"][1], [r["val"][E.D0] for r in evals])
+    np.testing.assert_array_equal(curves["D0"][1], [r["val"][paper.D0] for r in evals])
     np.testing.assert_array_equal(curves["D1"][1], [r["val"][d1] for r in evals])
     np.testing.assert_array_equal(curves["lr"][1], [r["lr"] for r in lines])
     assert la.progress.value == 1.0 and "tokens/s" in la.progress_text.value
@@ -123,11 +126,11 @@ def test_stop_then_train_resumes_to_the_uninterrupted_result(root, tmp_path):
     assert la.wait(300)
     assert la.error is None, la.error
     assert la.result.status == "done"
-    assert train(run.config, tmp_path / "uninterrupted", quiet=True).status == "done"
+    assert train(run.config, tmp_path / "uninterrupted", quiet=True, runs_root=root).status == "done"
     resumed, reference = _metrics(path), _metrics(tmp_path / "uninterrupted")
     assert _comparable(resumed) == _comparable(reference)
     evals = [r for r in reference if "val" in r]
-    np.testing.assert_array_equal(la.curves()["D0"][1], [r["val"][E.D0] for r in evals])
+    np.testing.assert_array_equal(la.curves()["D0"][1], [r["val"][paper.D0] for r in evals])
 
 
 def test_bad_values_show_in_the_status_and_train_nothing(root):
@@ -150,7 +153,7 @@ def test_a_failed_run_shows_its_error(root):
 
 
 def test_results_browser_overlays_runs_with_references(root):
-    sweep = E.replay_sweep(SHIFT, "smoke", root=str(root))
+    sweep = E.replay_sweep(SHIFT, "smoke")
     chosen = [r for r in sweep if r.labels.get("replay") in (0.0, 0.25)]
     base, union = E.base_run("smoke"), next(r for r in sweep if r.labels["role"] == "union")
     br = ResultsBrowser(root, experiment="replay", shift=SHIFT)
@@ -161,18 +164,18 @@ def test_results_browser_overlays_runs_with_references(root):
     curves = br.curves()
     names = [r.name for r in chosen]
     assert set(curves["D0"]) == {*names, "base model", "union baseline"}
-    d1 = E.SHIFTS[SHIFT]
+    d1 = paper.SHIFTS[SHIFT]
     for run in chosen:
-        df = store.eval_frame(runner.run_dir(run, root)).sort_values("tokens")
+        df = eval_frame(runner.run_dir(run, root)).sort_values("tokens")
         x, y = curves["D0"][run.name]
         np.testing.assert_array_equal(x, df["tokens"])
-        np.testing.assert_allclose(y, df[f"val_{E.D0}"])
+        np.testing.assert_allclose(y, df[f"val_{paper.D0}"])
         np.testing.assert_allclose(curves["D1"][run.name][1], df[f"val_{d1}"])
-        np.testing.assert_allclose(curves["avg"][run.name][1], (df[f"val_{E.D0}"] + df[f"val_{d1}"]) / 2)
-    base_df = store.eval_frame(runner.run_dir(base, root)).sort_values("tokens")
+        np.testing.assert_allclose(curves["avg"][run.name][1], (df[f"val_{paper.D0}"] + df[f"val_{d1}"]) / 2)
+    base_df = eval_frame(runner.run_dir(base, root)).sort_values("tokens")
     np.testing.assert_allclose(curves["D1"]["base model"][1], base_df[f"val_{d1}"])
 
-    expected = M.add_forgetting(M.final_losses(store.load_runs([base, union, *chosen], root)))
+    expected = M.add_forgetting(M.final_losses(load_runs([base, union, *chosen], root)))
     table = br.finals.set_index("name")
     assert set(table.index) == {*names, "base", union.name}
     for _, row in expected.iterrows():

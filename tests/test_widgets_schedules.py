@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cptlab import schedules as S
-from cptlab.widgets import ScheduleExplorer
+from cptlab.ui import ScheduleExplorer
 
 STEPS = 100  # plot resolution per stage, small to keep the tests fast
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from cptlab.config import ReplayConfig
-from cptlab.corpus import DataError
+from cptlab.data.corpus import DataError
 
 STATE_VERSION = 1
 LOOKAHEAD = 4096  # window indices computed at a time per stream
@@ -61,53 +61,16 @@ class BatchSampler:
     def __init__(self, sources: dict[str, np.ndarray], weights: dict[str, float],
                  replay: ReplayConfig | None, seq_len: int, batch_size: int, total_tokens: int, seed: int,
                  rank: int = 0, world_size: int = 1, start: dict[str, int] | None = None):
-        if seq_len < 1 or batch_size < 1:
-            raise DataError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
-        if seed < 0:
-            raise DataError(f"seed: must be >= 0, got {seed}")
-        if world_size < 1 or batch_size % world_size:
-            raise DataError(f"batch_size ({batch_size}) must be divisible by world_size ({world_size})")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank must be in [0, {world_size}), got {rank}")
-        if total_tokens < batch_size * seq_len:
-            raise DataError(f"tokens: {total_tokens} is smaller than one batch "
-                            f"(batch_size x seq_len = {batch_size * seq_len})")
-        if not weights:
-            raise DataError("data: at least one corpus with a weight is required")
-        for name, w in weights.items():
-            if not w > 0:
-                raise DataError(f"data.{name}: weight must be > 0, got {w}")
-        if replay is not None and not replay.source and replay.fraction == 0:
-            replay = None  # an empty ReplayConfig means no replay
-        if replay is not None:
-            if not 0.0 <= replay.fraction < 1.0:
-                raise DataError(f"replay.fraction: must be in [0, 1), got {replay.fraction}")
-            if replay.order not in ("original", "shuffled"):
-                raise DataError(f"replay.order: {replay.order!r} not allowed; allowed: original, shuffled")
-            if set(weights) == {replay.source}:
-                raise DataError(f"replay.source: {replay.source!r} is also the only new corpus; "
-                                "replay must come from another corpus")
-        start = start or {}
+        replay = _checked(weights, replay, seq_len, batch_size, total_tokens, seed, rank, world_size)
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.num_steps = total_tokens // (batch_size * seq_len)
         self.step = 0
-
         plan = [(name, name, "original") for name in sorted(weights)]
         if replay is not None:
             plan.append((f"replay:{replay.source}", replay.source, replay.order))
-        self.streams: list[_Stream] = []
-        for key, corpus, order in plan:
-            if corpus not in sources:
-                raise DataError(f"unknown corpus {corpus!r}; known corpora: {', '.join(sources)}")
-            tokens = sources[corpus]
-            n_windows = (len(tokens) - 1) // seq_len
-            if n_windows < 1:
-                raise DataError(f"corpus {corpus!r} has {len(tokens)} tokens, too few for one sequence of "
-                                f"seq_len={seq_len} (which needs {seq_len + 1}); use a shorter seq_len")
-            if start.get(corpus, 0) < 0:
-                raise DataError(f"start.{corpus}: must be >= 0, got {start[corpus]}")
-            self.streams.append(_Stream(key, corpus, order, tokens, n_windows, start.get(corpus, 0)))
+        self.streams = [self._stream(sources, key, corpus, order, (start or {}).get(corpus, 0))
+                        for key, corpus, order in plan]
         self._n_new = len(weights)
 
         # Weights and the replay fraction as exact integers: weight_c = self._num[c] / self._den.
@@ -118,6 +81,19 @@ class BatchSampler:
         self._num = [int(s * self._den) for s in shares]
         self._replay = Fraction(repr(float(replay.fraction))) if replay is not None else Fraction(0)
         self._keys: dict[tuple[str, str, int], np.ndarray] = {}
+
+    def _stream(self, sources: dict[str, np.ndarray], key: str, corpus: str, order: str,
+                start: int) -> _Stream:
+        if corpus not in sources:
+            raise DataError(f"unknown corpus {corpus!r}; known corpora: {', '.join(sources)}")
+        tokens = sources[corpus]
+        n_windows = (len(tokens) - 1) // self.seq_len
+        if n_windows < 1:
+            raise DataError(f"corpus {corpus!r} has {len(tokens)} tokens, too few for one sequence of "
+                            f"seq_len={self.seq_len} (which needs {self.seq_len + 1}); use a shorter seq_len")
+        if start < 0:
+            raise DataError(f"start.{corpus}: must be >= 0, got {start}")
+        return _Stream(key, corpus, order, tokens, n_windows, start)
 
     # -- allocation ----------------------------------------------------------------------------
     def _replayed_before(self, step: int) -> int:
@@ -242,6 +218,37 @@ class BatchSampler:
         for s in self.streams:
             s.start, s.count = int(state["start"][s.key]), int(state["count"][s.key])
             s.ahead = np.zeros(0, dtype=np.int64)
+
+
+def _checked(weights: dict[str, float], replay: ReplayConfig | None, seq_len: int, batch_size: int,
+             total_tokens: int, seed: int, rank: int, world_size: int) -> ReplayConfig | None:
+    """Check a sampler's arguments; the replay to use (None for none: an empty ``ReplayConfig`` too)."""
+    if seq_len < 1 or batch_size < 1:
+        raise DataError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
+    if seed < 0:
+        raise DataError(f"seed: must be >= 0, got {seed}")
+    if world_size < 1 or batch_size % world_size:
+        raise DataError(f"batch_size ({batch_size}) must be divisible by world_size ({world_size})")
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank must be in [0, {world_size}), got {rank}")
+    if total_tokens < batch_size * seq_len:
+        raise DataError(f"tokens: {total_tokens} is smaller than one batch "
+                        f"(batch_size x seq_len = {batch_size * seq_len})")
+    if not weights:
+        raise DataError("data: at least one corpus with a weight is required")
+    for name, w in weights.items():
+        if not w > 0:
+            raise DataError(f"data.{name}: weight must be > 0, got {w}")
+    if replay is None or (not replay.source and replay.fraction == 0):
+        return None
+    if not 0.0 <= replay.fraction < 1.0:
+        raise DataError(f"replay.fraction: must be in [0, 1), got {replay.fraction}")
+    if replay.order not in ("original", "shuffled"):
+        raise DataError(f"replay.order: {replay.order!r} not allowed; allowed: original, shuffled")
+    if set(weights) == {replay.source}:
+        raise DataError(f"replay.source: {replay.source!r} is also the only new corpus; "
+                        "replay must come from another corpus")
+    return replay
 
 
 # -- the keyed permutation -----------------------------------------------------------------------

@@ -11,7 +11,8 @@
   batched matmuls (``_BlockedCausalAttention``), about 2x faster there than the CPU flash kernel
 - no dropout unless ``dropout > 0``
 
-Parameter count (``GPT.count_params`` gives it without building the model), with V the vocab, d the
+Parameter count and training FLOPs per token (``GPT.count_params``, ``GPT.count_flops_per_token``: from
+the config, without building the model; every other part of the lab calls these), with V the vocab, d the
 width, L the layers, r the MLP ratio:
     per block: attention 4d^2 + 4d, MLP 2r d^2 + (r + 1) d, two LayerNorms 4d
     total: L * per block + 2d (final LayerNorm) + V d (input) + V d (output, unless tied)
@@ -349,8 +350,10 @@ class GPT(nn.Module):
             n += v * d * (1 if cfg.tie_embeddings else 2)
         return n
 
-    def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token (forward + backward), PaLM / nanoGPT convention:
+    @staticmethod
+    def count_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward) of ``GPT(cfg)`` at ``seq_len``, PaLM / nanoGPT
+        convention:
 
             6 * N_matmul + 12 * L * d * seq_len
 
@@ -359,6 +362,10 @@ class GPT(nn.Module):
         <0.1% overestimate). The attention term counts QK^T and AV over the full ``seq_len`` (no
         halving for the causal mask), 2 matmuls x 2 FLOPs x 3 (forward + backward).
         """
-        c = self.cfg
-        n_matmul = self.num_params(non_embedding=True) + c.vocab_size * c.d_model
-        return 6 * n_matmul + 12 * c.n_layer * c.d_model * seq_len
+        cfg = _resolved(cfg)
+        n_matmul = GPT.count_params(cfg, non_embedding=True) + cfg.vocab_size * cfg.d_model
+        return 6 * n_matmul + 12 * cfg.n_layer * cfg.d_model * seq_len
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token of this model at ``seq_len`` (``count_flops_per_token``)."""
+        return GPT.count_flops_per_token(self.cfg, seq_len)

@@ -4,7 +4,7 @@ Layout under the cache folder: ``shards/<corpus>/<key>/{train.bin, val.bin, meta
 hashes the corpus source and the tokenizer fingerprint. Documents are separated (and ended) by the
 tokenizer's end-of-text token. ``meta.json`` is written last: a folder without it is not a shard.
 
-A streamed corpus (``streaming: true``, see ``cptlab.corpus``) is tokenised as it streams: batches of
+A streamed corpus (``streaming: true``, see ``cptlab.data.corpus``) is tokenised as it streams: batches of
 documents are appended to ``.stream/{train,val}.bin`` in the shard folder and, every
 ``STREAM_FLUSH_TOKENS`` tokens, the files are synced and ``.stream/progress.json`` records their lengths,
 the counters and the stream's position (``IterableDataset.state_dict``). A build that is interrupted
@@ -30,9 +30,10 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from cptlab.config import TokenizerConfig, atomic_write_text
-from cptlab.corpus import DataError, Registry, cache_root, doc_key, split_mask, stream_is_val
-from cptlab.tokenizer import Tokenizer, load_tokenizer
+from cptlab.config import TokenizerConfig
+from cptlab.data.corpus import DataError, Registry, cache_root, doc_key, split_mask, stream_is_val
+from cptlab.data.tokenizer import Tokenizer, load_tokenizer
+from cptlab.files import atomic_write_text
 
 SHARD_VERSION = 1
 SPLITS = ("train", "val")
@@ -176,7 +177,6 @@ def _build(name: str, tokenizer: Tokenizer, registry: Registry, folder: Path, ca
 def _build_streamed(name: str, tokenizer: Tokenizer, registry: Registry, folder: Path) -> dict[str, Any]:
     """Tokenise a streamed corpus into ``folder`` incrementally, resuming an interrupted build (see the
     module docstring)."""
-    start = time.perf_counter()
     max_tokens, val_fraction = registry.stream_limits(name)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     work = folder / ".stream"
@@ -189,49 +189,10 @@ def _build_streamed(name: str, tokenizer: Tokenizer, registry: Registry, folder:
                  tokens={s: 0 for s in SPLITS}, documents={s: 0 for s in SPLITS},
                  characters={s: 0 for s in SPLITS}, budget_reached=False, finished=False, stream_state=None,
                  seconds=0.0)
-    progress = _read_progress(work, fresh) or fresh
-    files = {}
-    since = start
-
-    def record(state: dict[str, Any] | None) -> None:
-        """Make the appended tokens durable, then record how far the build got."""
-        nonlocal since
-        for f in files.values():
-            f.flush()
-            os.fsync(f.fileno())
-        progress["stream_state"] = state
-        progress["seconds"] += time.perf_counter() - since
-        since = time.perf_counter()
-        atomic_write_text(work / "progress.json", json.dumps(progress))
-
-    try:
-        for split in SPLITS:  # cut back whatever was written after the last progress record
-            files[split] = open(work / f"{split}.bin", "ab")  # noqa: SIM115 - closed below
-            files[split].truncate(progress["tokens"][split] * dtype.itemsize)
-        if not progress["finished"]:
-            stream = registry.stream(name)
-            if progress["stream_state"] is not None:
-                stream.load_state_dict(progress["stream_state"])
-            pending: list[str] = []
-            unrecorded = 0
-            for docs in stream:
-                pending += docs
-                if len(pending) < STREAM_BATCH_DOCS:
-                    continue
-                unrecorded += _append(pending, tokenizer, dtype, files, progress, max_tokens, val_fraction)
-                pending = []
-                if progress["budget_reached"]:
-                    break
-                if unrecorded >= STREAM_FLUSH_TOKENS:
-                    record(stream.state_dict())
-                    unrecorded = 0
-            else:  # the stream ended
-                _append(pending, tokenizer, dtype, files, progress, max_tokens, val_fraction)
-            progress["finished"] = True
-            record(None)
-    finally:
-        for f in files.values():
-            f.close()
+    build = _StreamedBuild(work, dtype, _read_progress(work, fresh) or fresh)
+    if not build.progress["finished"]:
+        build.tokenise(registry.stream(name), tokenizer, max_tokens, val_fraction)
+    progress = build.progress
     if max_tokens is not None and not progress["budget_reached"]:
         warnings.warn(f"corpus {name!r}: the stream ended at {progress['tokens']['train']:,} training "
                       f"tokens, short of its max_tokens ({max_tokens:,})", stacklevel=4)
@@ -248,6 +209,58 @@ def _build_streamed(name: str, tokenizer: Tokenizer, registry: Registry, folder:
     atomic_write_text(folder / "meta.json", json.dumps(meta, indent=2))
     shutil.rmtree(work, ignore_errors=True)
     return meta
+
+
+class _StreamedBuild:
+    """The split files of a streamed build in ``work`` and its progress record."""
+
+    def __init__(self, work: Path, dtype: np.dtype, progress: dict[str, Any]):
+        self.work, self.dtype, self.progress = work, dtype, progress
+        self.files: dict[str, Any] = {}
+        self.since = time.perf_counter()
+
+    def tokenise(self, stream: Any, tokenizer: Tokenizer, max_tokens: int | None,
+                 val_fraction: float) -> None:
+        """Append the stream's documents from where the progress record left off, recording progress
+        every ``STREAM_FLUSH_TOKENS`` tokens, until the stream ends or the budget is reached."""
+        progress = self.progress
+        try:
+            for split in SPLITS:  # cut back whatever was written after the last progress record
+                self.files[split] = open(self.work / f"{split}.bin", "ab")  # noqa: SIM115 - closed below
+                self.files[split].truncate(progress["tokens"][split] * self.dtype.itemsize)
+            if progress["stream_state"] is not None:
+                stream.load_state_dict(progress["stream_state"])
+            pending: list[str] = []
+            unrecorded = 0
+            for docs in stream:
+                pending += docs
+                if len(pending) < STREAM_BATCH_DOCS:
+                    continue
+                unrecorded += _append(pending, tokenizer, self.dtype, self.files, progress, max_tokens,
+                                      val_fraction)
+                pending = []
+                if progress["budget_reached"]:
+                    break
+                if unrecorded >= STREAM_FLUSH_TOKENS:
+                    self.record(stream.state_dict())
+                    unrecorded = 0
+            else:  # the stream ended
+                _append(pending, tokenizer, self.dtype, self.files, progress, max_tokens, val_fraction)
+            progress["finished"] = True
+            self.record(None)
+        finally:
+            for f in self.files.values():
+                f.close()
+
+    def record(self, state: dict[str, Any] | None) -> None:
+        """Make the appended tokens durable, then record how far the build got."""
+        for f in self.files.values():
+            f.flush()
+            os.fsync(f.fileno())
+        self.progress["stream_state"] = state
+        self.progress["seconds"] += time.perf_counter() - self.since
+        self.since = time.perf_counter()
+        atomic_write_text(self.work / "progress.json", json.dumps(self.progress))
 
 
 def _read_progress(work: Path, fresh: dict[str, Any]) -> dict[str, Any] | None:

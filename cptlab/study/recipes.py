@@ -4,24 +4,24 @@
 weak (Pile -> SlimPajama) and strong (Pile -> German web text) shifts with 0/1/5/10/25/50% replay, the
 union baselines, and the schedules over three SlimPajama chunks (repeated cosine, infinite cosine,
 infinite inverse-sqrt, WSD). A ``Variant`` says what changes between the full recipes and the smaller
-single-GPU ones. ``python -m cptlab.recipes write`` writes them all to ``configs/paper/<variant>/``;
+single-GPU ones. ``python -m cptlab.study.recipes write`` writes them all to ``configs/paper/<variant>/``;
 ``check`` says whether the committed files are up to date; ``prepare CONFIG`` streams and tokenises a
-config's corpora before training (see ``cptlab.shards``); ``estimate`` prints the time table of the
+config's corpora before training (see ``cptlab.data.shards``); ``estimate`` prints the time table of the
 README's "Real scale" section.
 
 Choices made here (the paper does not fix them): the data are public Hugging Face copies that stream
 (``CORPORA``); each corpus is tokenised up to 1% more tokens than its largest use (``MARGIN``); the GPT-NeoX
 tokenizer is read from ``TOKENIZER_PATH`` (download it first, see the README); an infinite schedule or
 WSD gets a model at the end of a chunk by annealing over the chunk's last ``ANNEAL`` fraction, in a branch
-run for chunks 1 and 2 and in the main run for chunk 3. Paths (tokenizer, checkpoints to start from) are
-relative to the repository root, where the commands are run; run ``X`` of a variant lives in
-``runs/paper/<variant>/X``.
+run for chunks 1 and 2 and in the main run for chunk 3. The tokenizer's path is relative to the
+repository root, where the commands are run. Run ``X`` of a variant lives in the run store ``runs/paper``
+as ``<variant>/X``; a run that starts from another names it by reference (``init_from: {experiment:
+<variant>, run: X, stage: ...}``), found in the store that holds the run being trained.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +29,12 @@ from typing import Any
 
 import yaml
 
-from cptlab.config import MODEL_PRESETS, ModelConfig, RunConfig
+from cptlab.config import MODEL_PRESETS, ModelConfig, RunConfig, RunRef
+from cptlab.schedules import default_const_lr
+from cptlab.study import paper
+from cptlab.study.paper import ANNEAL, CHUNK_SCHEDULES, COOLDOWN, REPLAY_FRACTIONS, WARMUP
+from cptlab.training import store
+from cptlab.training.model import GPT
 
 CONFIG_ROOT = Path("configs/paper")
 RUN_ROOT = "runs/paper"
@@ -53,13 +58,6 @@ D0 = "pile"
 SHIFTS = {"weak": "slimpajama", "strong": "german"}
 CHUNKS_DATA = "slimpajama"
 
-# The paper's token budgets (405M) and recipes.
-PAPER_TOKENS = {"pile": 300e9, "weak": 300e9, "strong": 200e9, "chunk": 100e9}
-REPLAY_FRACTIONS = (0.0, 0.01, 0.05, 0.10, 0.25, 0.50)
-CHUNK_SCHEDULES = ("cosine", "infinite_cosine", "infinite_inv_sqrt", "wsd")
-WARMUP = 0.01  # of each stage (of the first chunk for infinite schedules and WSD)
-COOLDOWN = 0.6  # infinite schedules: of the first chunk
-ANNEAL = 0.1  # infinite schedules and WSD: of a chunk
 MARGIN = 1.01  # a corpus is tokenised up to this much more than its largest use
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of one H100 SXM
 
@@ -84,7 +82,7 @@ class Variant:
     vocab_size: int = 50304  # the GPT-NeoX tokenizer's 50277, padded to a multiple of 64 (as the paper)
 
     def tokens(self, key: str) -> int:
-        return int(round(PAPER_TOKENS[key] * self.token_scale))
+        return int(round(paper.TOKENS_405M[key] * self.token_scale))
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
@@ -148,8 +146,9 @@ def _config(v: Variant, stages: list[dict[str, Any]], eval_sets: list[str]) -> d
     }
 
 
-def _checkpoint(v: Variant, run: str, stage: str) -> str:
-    return f"{RUN_ROOT}/{v.name}/{run}/checkpoints/stage-{stage}.pt"
+def _start_from(v: Variant, run: str, stage: str) -> dict[str, str]:
+    """``init_from``: the end of ``stage`` of recipe ``run`` of the same variant."""
+    return vars(RunRef(v.name, run, stage))
 
 
 # -- the recipes ---------------------------------------------------------------------------------
@@ -165,7 +164,7 @@ def continual(v: Variant, shift: str, replay: float) -> Recipe:
     d1 = SHIFTS[shift]
     stage: dict[str, Any] = {"name": "continue", "data": {d1: 1.0}, "tokens": v.tokens(shift),
                              "schedule": _cosine(v), "reset_optimizer": True,
-                             "init_from": _checkpoint(v, "pile-base", "pretrain")}
+                             "init_from": _start_from(v, "pile-base", "pretrain")}
     if replay > 0:
         stage["replay"] = {"source": D0, "fraction": replay, "order": "original"}
     return Recipe(f"{shift}-replay{round(replay * 100)}", _config(v, [stage], [D0, d1]), ["pile-base"])
@@ -201,7 +200,7 @@ def chunks(v: Variant, kind: str) -> list[Recipe]:
         flat = {"kind": "wsd", **lr, "warmup": 0.0, "decay": 0.0}
         end = {"kind": "wsd", **lr, "warmup": 0.0, "decay": ANNEAL, "decay_shape": "1-sqrt"}
     else:
-        const = {**lr, "const_lr": (v.max_lr + v.min_lr) / 2, "alpha": 10.0}
+        const = {**lr, "const_lr": default_const_lr(v.max_lr, v.min_lr), "alpha": 10.0}
         first = {"kind": kind, **const, "warmup": WARMUP * n / head, "cooldown": COOLDOWN * n / head,
                  "anneal": 0.0}
         flat = {"kind": kind, **const, "warmup": 0.0, "cooldown": 0.0, "anneal": 0.0}
@@ -213,7 +212,7 @@ def chunks(v: Variant, kind: str) -> list[Recipe]:
     runs = [Recipe(name, _config(v, stages, eval_sets))]
     anneal = {**end, "anneal": 1.0} if kind != "wsd" else {**end, "decay": 1.0}
     for c in (1, 2):
-        branch = {**stage("anneal", tail, anneal), "init_from": _checkpoint(v, name, f"chunk{c}")}
+        branch = {**stage("anneal", tail, anneal), "init_from": _start_from(v, name, f"chunk{c}")}
         runs.append(Recipe(f"{name}-anneal{c}", _config(v, [branch], eval_sets), [name]))
     return runs
 
@@ -235,15 +234,16 @@ def render(recipe: Recipe, v: Variant) -> str:
     """The YAML file of a recipe: a header that says how to run it, then the config."""
     RunConfig.from_dict(recipe.config).validate()  # fail here, not on the GPU machine
     path = CONFIG_ROOT / v.name / f"{recipe.name}.yaml"
-    out = f"{RUN_ROOT}/{v.name}/{recipe.name}"
+    out = store.run_path(Path(RUN_ROOT), v.name, recipe.name)
     launch = f"torchrun --nproc_per_node {v.gpus} -m cptlab train" if v.gpus > 1 else "python -m cptlab train"
-    lines = ["# Generated by `python -m cptlab.recipes write` from cptlab/recipes.py: edit that, not this.",
+    lines = ["# Generated by `python -m cptlab.study.recipes write` from cptlab/study/recipes.py: edit that, "
+             "not this.",
              f"# {v.name}: {v.description}.",
              f"# Run from the repository root (the paths below are relative to it), e.g. on {v.gpus} GPU"
              f"{'s' * (v.gpus > 1)}:", f"#   {launch} {path} --out {out}"]
     if recipe.needs:
         lines.append("# Starts from the checkpoint of " + ", ".join(
-            f"{RUN_ROOT}/{v.name}/{n}" for n in recipe.needs) + " (train it first).")
+            str(store.run_path(Path(RUN_ROOT), v.name, n)) for n in recipe.needs) + " (train it first).")
     body = yaml.dump(recipe.config, Dumper=_Dumper, sort_keys=False, width=110)
     return "\n".join(lines) + "\n" + body
 
@@ -311,17 +311,10 @@ def prepare(config_path: str | Path, cache_dir: str | Path | None = None) -> dic
     return {n: data.shard_meta(n, tokenizer, registry, cache_dir) for n in sorted(names)}
 
 
-@functools.cache
 def flops_per_token(v: Variant) -> int:
-    """Training FLOPs per token of the variant's model (``GPT.flops_per_token``; built without memory)."""
-    import torch
-
-    from cptlab.model import GPT
-
-    cfg = ModelConfig(preset=v.model, vocab_size=v.vocab_size)
-    cfg = RunConfig(model=cfg).resolve().model
-    with torch.device("meta"):
-        return GPT(cfg).flops_per_token(v.seq_len)
+    """Training FLOPs per token of the variant's model (``GPT.count_flops_per_token``)."""
+    cfg = RunConfig(model=ModelConfig(preset=v.model, vocab_size=v.vocab_size)).resolve().model
+    return GPT.count_flops_per_token(cfg, v.seq_len)
 
 
 def days(tokens: int, v: Variant, gpus: int, peak_flops: float = H100_BF16_FLOPS) -> float:
@@ -366,7 +359,8 @@ def _duration(d: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cptlab.recipes", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cptlab.study.recipes",
+                                     description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("write", help="write every recipe to configs/paper/")
     sub.add_parser("check", help="exit 1 if the files in configs/paper/ differ from what write writes")

@@ -1,9 +1,9 @@
 """Metrics on evaluation lines: final losses, forgetting, adaptation, compute, seed means and final-loss
 tables shaped like the paper's, next to the paper's own numbers.
 
-Every function is pure: it takes the DataFrames of ``cptlab.store.load_runs`` / ``load_experiment`` (one
-row per evaluation line: step, tokens, stage, lr, ``val_<set>`` columns and the run's labels) or the
-tables built from them, and returns new DataFrames. Nothing here reads or writes files.
+Every function is pure: it takes the DataFrames of ``cptlab.analysis.runs.load_runs`` /
+``load_experiment`` (one row per evaluation line: step, tokens, stage, lr, ``val_<set>`` columns and the
+run's labels) or the tables built from them, and returns new DataFrames. Nothing here reads or writes files.
 
 Final loss (``final_losses``). The paper averages the last 100 iterations. Our runs evaluate about 10
 times per stage (every 10% of it, ``Scale.evals_per_stage``), so a run's final loss on an eval set is the
@@ -15,11 +15,10 @@ upward bias of the earlier evaluation is shared. A run that starts from another 
 (roles ``continual`` and ``anneal``) logs one evaluation before its first step, of the model it starts
 from; that line is never part of its final loss (``start_rows``).
 
-Compute. Training FLOPs per token follow the 6N convention of ``GPT.flops_per_token``:
-``6 * N_matmul + 12 * n_layer * d_model * seq_len`` with N_matmul the non-embedding parameters plus the
-output projection (the input embedding is a lookup). Replayed tokens cost the same as new ones;
-evaluation is not counted. A run's compute is its ``compute_tokens`` label (for a continual run: the D0
-base model's tokens plus its own), its ``new_tokens`` what it costs beyond the shared base model.
+Compute. Training FLOPs per token are the model's own (``GPT.count_flops_per_token``, the 6N convention).
+Replayed tokens cost the same as new ones; evaluation is not counted. A run's compute is its
+``compute_tokens`` label (for a continual run: the D0 base model's tokens plus its own), its ``new_tokens``
+what it costs beyond the shared base model.
 """
 
 from __future__ import annotations
@@ -30,39 +29,13 @@ from typing import Any
 
 import pandas as pd
 
-from cptlab.config import ModelConfig
+from cptlab.study import paper
 
 K_FINAL = 2
 STARTS_FROM_CHECKPOINT = ("continual", "anneal")
 METRIC_COLUMNS = ("step", "tokens", "stage", "lr")
 REPLAY_ROWS = ("0%", "1%", "5%", "10%", "25%", "50%", "union", "base")
 TABLE_COLUMNS = ("D0", "D1", "avg", "forgetting")
-
-# -- the paper's numbers (405M unless said otherwise; PAPER.md), as (D0, D1, avg) final losses ---------------
-PAPER_BASE_D0 = 2.17  # Pile-only base model on the Pile; its SlimPajama loss is 2.70
-PAPER_REPLAY_TABLES: dict[str, dict[str, tuple[float, float, float]]] = {
-    "weak": {  # Pile -> SlimPajama, 300B new tokens
-        "0%": (2.44, 2.50, 2.47), "1%": (2.26, 2.50, 2.38), "5%": (2.23, 2.51, 2.37),
-        "10%": (2.21, 2.51, 2.36), "50%": (2.16, 2.54, 2.35), "union": (2.17, 2.53, 2.35),
-        "base": (2.17, 2.70, math.nan),
-    },
-    "strong": {  # Pile -> German Common Crawl, 200B new tokens
-        "0%": (3.56, 1.11, 2.34), "1%": (2.83, 1.12, 1.97), "5%": (2.57, 1.12, 1.85),
-        "10%": (2.46, 1.13, 1.80), "25%": (2.33, 1.16, 1.75), "50%": (2.24, 1.22, 1.73),
-        "union": (2.26, 1.25, 1.75), "base": (2.17, math.nan, math.nan),
-    },
-}
-PAPER_10B_WEAK: dict[str, tuple[float, float, float]] = {
-    "0%": (1.98, 2.00, 1.99), "5%": (1.79, 2.00, 1.89), "union": (1.72, 2.02, 1.87)}
-MAX_LR_ROWS = ("constant at min", "re-warm, no re-decay", "0.5x", "1x", "2x")
-PAPER_MAX_LR_TABLE: dict[str, dict[str, tuple[float, float]]] = {  # no replay, (D0, D1)
-    "weak": {"constant at min": (2.42, 2.55), "0.5x": (2.43, 2.51), "1x": (2.44, 2.50), "2x": (2.48, 2.50)},
-    "strong": {"constant at min": (3.22, 1.21), "0.5x": (3.47, 1.13), "1x": (3.56, 1.11), "2x": (3.63, 1.11)},
-}
-# Transient rise of D0 loss after re-warming, in nats: on D0 itself and when switching to SlimPajama.
-PAPER_D0_REWARM_RISE = {"same data": {"1x": 0.10, "2x": 0.20},
-                        "switch to D1 (weak)": {"1x": 0.35, "2x": 0.45}}
-
 
 # -- final losses ------------------------------------------------------------------------------------------
 
@@ -182,15 +155,6 @@ def add_adaptation(finals: pd.DataFrame, union: pd.DataFrame | None = None) -> p
     return out
 
 
-def flops_per_token(model: ModelConfig, seq_len: int) -> int:
-    """Training FLOPs per token (forward + backward) of the resolved ``model`` at ``seq_len``, the same
-    formula as ``GPT.flops_per_token`` computed from the config (no model is built)."""
-    from cptlab.model import GPT
-
-    n_matmul = GPT.count_params(model, non_embedding=True) + model.vocab_size * model.d_model
-    return 6 * n_matmul + 12 * model.n_layer * model.d_model * seq_len
-
-
 def add_compute(finals: pd.DataFrame, flops_per_tok: float) -> pd.DataFrame:
     """A copy of ``finals`` with ``new_tokens`` (compute_tokens minus the shared base model's
     ``switch_tokens`` for continual runs, else compute_tokens), ``compute_flops`` and ``new_flops``
@@ -269,8 +233,6 @@ def replay_table(finals: pd.DataFrame, shift: str) -> pd.DataFrame:
     """The paper's replay table for ``shift`` from the final losses of a replay sweep and the base model
     (any seeds): rows 0/1/5/10/25/50% replay, union, base; columns D0, D1, avg, forgetting (D0 minus the
     base model's D0), their ``_std`` over seeds and ``n_seeds``. A row whose run is missing is NaN."""
-    from cptlab.experiments import SHIFTS
-
     has = finals
     if len(has) and "forgetting" not in has.columns:
         has = add_forgetting(has)
@@ -287,7 +249,7 @@ def replay_table(finals: pd.DataFrame, shift: str) -> pd.DataFrame:
     rows["union"] = _table_row(unions.iloc[0] if len(unions) else None)
     d1s = means[(means["shift"] == shift) & means["d1"].notna()]["d1"]
     base = pick(means["role"] == "base")
-    rows["base"] = _table_row(base, d1=d1s.iloc[0] if len(d1s) else SHIFTS.get(shift))
+    rows["base"] = _table_row(base, d1=d1s.iloc[0] if len(d1s) else paper.SHIFTS.get(shift))
     if base is not None:
         rows["base"]["forgetting"] = 0.0
     table = pd.DataFrame.from_dict(rows, orient="index")
@@ -299,10 +261,10 @@ def paper_replay_table(shift: str) -> pd.DataFrame:
     """The paper's replay table for ``shift`` (405M; PAPER.md) in ``replay_table``'s shape; rows the
     paper does not give are NaN."""
     rows = {}
-    paper = PAPER_REPLAY_TABLES[shift]
+    published = paper.REPLAY_TABLES[shift]
     for label in REPLAY_ROWS:
-        d0, d1, avg = paper.get(label, (math.nan, math.nan, math.nan))
-        rows[label] = {"D0": d0, "D1": d1, "avg": avg, "forgetting": d0 - PAPER_BASE_D0}
+        d0, d1, avg = published.get(label, (math.nan, math.nan, math.nan))
+        rows[label] = {"D0": d0, "D1": d1, "avg": avg, "forgetting": d0 - paper.BASE_D0}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "replay"
     return table
@@ -334,9 +296,9 @@ def paper_max_lr_table(shift: str) -> pd.DataFrame:
     """The paper's max-LR table for ``shift`` in ``max_lr_table``'s shape (no replay; avg and forgetting
     derived from the paper's D0 and D1)."""
     rows = {}
-    for label in MAX_LR_ROWS:
-        d0, d1 = PAPER_MAX_LR_TABLE[shift].get(label, (math.nan, math.nan))
-        rows[label] = {"D0": d0, "D1": d1, "avg": (d0 + d1) / 2, "forgetting": d0 - PAPER_BASE_D0}
+    for label in paper.MAX_LR_ROWS:
+        d0, d1 = paper.MAX_LR_TABLES[shift].get(label, (math.nan, math.nan))
+        rows[label] = {"D0": d0, "D1": d1, "avg": (d0 + d1) / 2, "forgetting": d0 - paper.BASE_D0}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "schedule"
     return table
@@ -425,11 +387,9 @@ def scale_table(finals: pd.DataFrame, shift: str) -> pd.DataFrame:
     the same size) at 0% and at the chosen replay, average final losses of both and of the union
     baseline, the chosen run's gap to the union, and compute in FLOPs: the continual run's own (its new
     tokens) and the union's (all its tokens). ``finals``: ``final_losses`` of the study's runs."""
-    from cptlab.experiments import CHOSEN_REPLAY, D0
-
     if finals.empty or "n_params" not in finals.columns:
         return pd.DataFrame(columns=SCALE_COLUMNS)
-    chosen = CHOSEN_REPLAY[shift]
+    chosen = paper.CHOSEN_REPLAY[shift]
     rows = {}
     for n, group in finals.groupby("n_params"):
         row = dict.fromkeys(SCALE_COLUMNS, math.nan)
@@ -438,7 +398,7 @@ def scale_table(finals: pd.DataFrame, shift: str) -> pd.DataFrame:
         per_token = float(group["flops_per_token"].iloc[0])
         base = group[group["role"] == "base"]
         if len(base):
-            row["base D0"] = float(base[f"val_{D0}"].mean())
+            row["base D0"] = float(base[f"val_{paper.D0}"].mean())
         mine = group[group["shift"] == shift] if "shift" in group.columns else group.iloc[:0]
         # no "replay" column when no continual run has finished (base models and unions only)
         continual = mine[mine["role"] == "continual"] if "replay" in mine.columns else mine.iloc[:0]

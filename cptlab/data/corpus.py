@@ -8,7 +8,7 @@ The deterministic train/validation split by document lives here too (``split_mas
 
 A corpus too large to load whole is streamed: ``{web: {hf: org/name, streaming: true, max_tokens: 3.0e11}}``
 (``path`` corpora stream too). It is then read document by document, in the dataset's own order, by the
-shard builder only (``Registry.stream``; ``cptlab.shards`` tokenises it incrementally, resumably, up to
+shard builder only (``Registry.stream``; ``cptlab.data.shards`` tokenises it incrementally, resumably, up to
 ``max_tokens`` training tokens). Its validation split is drawn by document hash as it streams
 (``stream_is_val``): ``val_fraction`` of the documents (default ``STREAM_VAL_FRACTION``) until the
 split holds ``STREAM_VAL_MAX_TOKENS`` tokens.

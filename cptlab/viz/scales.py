@@ -13,14 +13,14 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from cptlab import experiments as E
-from cptlab import metrics as M
-from cptlab.figures import MARKERS, UNION_STYLE, AxesArg, _finish, _panels
+from cptlab.analysis import metrics as M
+from cptlab.study import paper
+from cptlab.viz import common as C
 
 
 def _tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    finals = df if "n_evals" in df.columns or df.empty else M.final_losses(df)
-    shifts = [s for s in E.SHIFTS if "shift" in finals.columns and (finals["shift"] == s).any()]
+    finals = C.finals(df, M.K_FINAL)
+    shifts = [s for s in paper.SHIFTS if "shift" in finals.columns and (finals["shift"] == s).any()]
     return {shift: M.scale_table(finals, shift) for shift in shifts}
 
 
@@ -28,40 +28,40 @@ def _params_label(n: float) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
 
 
-def plot_scale_forgetting(df: pd.DataFrame, axes: AxesArg = None) -> Figure:
+def plot_scale_forgetting(df: pd.DataFrame, axes: C.AxesArg = None) -> Figure:
     """Forgetting (final D0 loss minus the base model's, same size) against non-embedding parameters,
     with 0% and with the chosen replay; one panel per shift."""
     tables = _tables(df)
-    fig, axs, own = _panels(axes, max(1, len(tables)), (5.5 * max(1, len(tables)), 4.2))
+    fig, axs, own = C.panels(axes, max(1, len(tables)), (5.5 * max(1, len(tables)), 4.2))
     plotted = False
     for ax, (shift, table) in zip(axs, tables.items()):
         x = table.index.to_numpy(dtype=float)
-        chosen = M.replay_label(E.CHOSEN_REPLAY[shift])
+        chosen = M.replay_label(paper.CHOSEN_REPLAY[shift])
         for i, (col, label) in enumerate((("forgetting 0%", "no replay"),
                                           ("forgetting chosen", "chosen replay"))):
-            ax.plot(x, table[col].to_numpy(dtype=float), marker=MARKERS[i], label=label)
+            ax.plot(x, table[col].to_numpy(dtype=float), marker=C.MARKERS[i], label=label)
             plotted = plotted or bool(np.isfinite(table[col]).any())
         ax.axhline(0.0, color="0.5", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_xticks(x, [_params_label(v) for v in x])
         ax.minorticks_off()
         ax.set_xlabel("non-embedding parameters")
-        ax.set_ylabel(f"forgetting: D0 loss rise ({E.D0})")
-        ax.set_title(f"{shift} shift ({E.D0} -> {E.SHIFTS[shift]}), chosen replay {chosen}")
-    return _finish(fig, axs, own, "Forgetting against model size", [] if tables else ["no runs"], plotted)
+        ax.set_ylabel(f"forgetting: D0 loss rise ({paper.D0})")
+        ax.set_title(f"{shift} shift ({paper.D0} -> {paper.SHIFTS[shift]}), chosen replay {chosen}")
+    return C.finish(fig, axs, own, "Forgetting against model size", [] if tables else ["no runs"], plotted)
 
 
-def plot_scale_compute(df: pd.DataFrame, axes: AxesArg = None) -> Figure:
+def plot_scale_compute(df: pd.DataFrame, axes: C.AxesArg = None) -> Figure:
     """Average final loss against compute (FLOPs; a continual run counts only its own stage, the base
     model exists already) for continual + chosen replay and the union baseline, one point per size
     (labelled with its parameters); one panel per shift."""
     tables = _tables(df)
-    fig, axs, own = _panels(axes, max(1, len(tables)), (5.5 * max(1, len(tables)), 4.2))
+    fig, axs, own = C.panels(axes, max(1, len(tables)), (5.5 * max(1, len(tables)), 4.2))
     plotted = False
     for ax, (shift, table) in zip(axs, tables.items()):
-        chosen = M.replay_label(E.CHOSEN_REPLAY[shift])
+        chosen = M.replay_label(paper.CHOSEN_REPLAY[shift])
         series: list[tuple[str, str, dict[str, Any]]] = [
-            ("flops union", "avg union", {"label": "union baseline", "marker": "s", **UNION_STYLE}),
+            ("flops union", "avg union", {"label": "union baseline", "marker": "s", **C.UNION_STYLE}),
             ("flops chosen", "avg chosen", {"label": "continual, chosen replay", "marker": "o"})]
         for x_col, y_col, style in series:
             x, y = table[x_col].to_numpy(dtype=float), table[y_col].to_numpy(dtype=float)
@@ -74,6 +74,6 @@ def plot_scale_compute(df: pd.DataFrame, axes: AxesArg = None) -> Figure:
         ax.set_xscale("log")
         ax.set_xlabel("compute (FLOPs)")
         ax.set_ylabel("average final validation loss (D0, D1)")
-        ax.set_title(f"{shift} shift ({E.D0} -> {E.SHIFTS[shift]}), chosen replay {chosen}")
-    return _finish(fig, axs, own, "Compute vs average final loss at each model size",
+        ax.set_title(f"{shift} shift ({paper.D0} -> {paper.SHIFTS[shift]}), chosen replay {chosen}")
+    return C.finish(fig, axs, own, "Compute vs average final loss at each model size",
                    [] if tables else ["no runs"], plotted)

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cptlab.config import TokenizerConfig, atomic_write_text
-from cptlab.corpus import SHIPPED, DataError, Registry, cache_root, doc_key, split_mask
+from cptlab.config import TokenizerConfig
+from cptlab.data.corpus import SHIPPED, DataError, Registry, cache_root, doc_key, split_mask
+from cptlab.files import atomic_write_text
 
 EOT = "<|endoftext|>"
 # End-of-text tokens recognised in a user's tokenizer file, in order of preference.

@@ -1,22 +1,10 @@
-"""Interactive widgets (ipywidgets) for JupyterLab. They only call the library; nothing in the
-library imports this module.
-
-Widgets:
-    ScheduleExplorer   move a learning-rate schedule's parameters and see it over several stages,
-                       overlaid with other kinds or with pinned schedules
-    RunLauncher        train a continual run in the background with live forgetting curves; stop, resume
-    ResultsBrowser     overlay stored runs' curves and their final-loss table (both in cptlab.launcher)
-
-Each widget is a plain class holding its controls; display it as a cell's last value (it shows
-``self.widget``). Its state is readable without a front end (for tests): the figure it draws is
-``self.figure`` and accessor methods return the plotted data.
-"""
+"""The schedule explorer: move a learning-rate schedule's parameters and see it over several stages,
+overlaid with other kinds or with pinned schedules (nothing is trained)."""
 
 from __future__ import annotations
 
 import contextlib
 import html
-import io
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,30 +12,12 @@ import ipywidgets as W
 import numpy as np
 from matplotlib.figure import Figure
 
-from cptlab import plots
 from cptlab import schedules as sched
+from cptlab import viz
+from cptlab.study import paper
+from cptlab.ui import common
 
 StagePlan = list[tuple[dict[str, Any], int]]
-
-
-# -- helpers ---------------------------------------------------------------------------------------
-
-def _log_slider(description: str, value: float, lo: int, hi: int, fmt: str = ".2e") -> W.FloatLogSlider:
-    # continuous_update=False: the front end would otherwise send back, when it draws the slider, the value
-    # snapped to its grid of exponents (3e-4 -> 10**-3.52 = 3.02e-4); now only a user's move sets a value
-    return W.FloatLogSlider(value=value, base=10, min=lo, max=hi, step=0.01, description=description,
-                            readout_format=fmt, style={"description_width": "8em"}, continuous_update=False)
-
-
-def _percent_slider(description: str, value: float, hi: float = 100.0, step: float = 0.5) -> W.FloatSlider:
-    return W.FloatSlider(value=value, min=0.0, max=hi, step=step, description=description,
-                         readout_format=".1f", style={"description_width": "8em"})
-
-
-def _png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    return buf.getvalue()
 
 
 # -- ScheduleExplorer ------------------------------------------------------------------------------
@@ -64,20 +34,20 @@ class ScheduleExplorer:
 
     def __init__(self, kind: str = "infinite_cosine", compare: tuple[str, ...] = ("cosine", "wsd"),
                  n_stages: int = 3, tokens_per_stage: float = 100e9, steps_per_stage: int = 1000) -> None:
-        p = sched.PAPER_405M_VALUES
+        p = paper.LR_405M
         self.steps_per_stage = steps_per_stage
         self.kind = W.Dropdown(options=sched.KINDS, value=kind, description="kind")
-        self.max_lr = _log_slider("max LR", p["max_lr"], -6, -1)
-        self.min_lr = _log_slider("min LR", p["min_lr"], -7, -1)
-        self.warmup = _percent_slider("warmup %", 100 * p["warmup"], hi=20.0, step=0.1)
-        self.const_lr = _log_slider("const LR", p["const_lr"], -7, -1)
-        self.cooldown = _percent_slider("cooldown %", 100 * p["cooldown"])
-        self.anneal = _percent_slider("anneal %", 10.0)
-        self.alpha = _log_slider("alpha", p["alpha"], -1, 3, fmt=".3g")
-        self.decay = _percent_slider("decay %", 10.0)
+        self.max_lr = common.log_slider("max LR", p["max_lr"], -6, -1)
+        self.min_lr = common.log_slider("min LR", p["min_lr"], -7, -1)
+        self.warmup = common.percent_slider("warmup %", 100 * p["warmup"], hi=20.0, step=0.1)
+        self.const_lr = common.log_slider("const LR", p["const_lr"], -7, -1)
+        self.cooldown = common.percent_slider("cooldown %", 100 * p["cooldown"])
+        self.anneal = common.percent_slider("anneal %", 10.0)
+        self.alpha = common.log_slider("alpha", p["alpha"], -1, 3, fmt=".3g")
+        self.decay = common.percent_slider("decay %", 10.0)
         self.decay_shape = W.Dropdown(options=sched.DECAY_SHAPES, value="1-sqrt", description="decay shape")
         self.n_stages = W.IntSlider(value=n_stages, min=1, max=8, description="stages")
-        self.tokens_per_stage = _log_slider("tokens / stage", tokens_per_stage, 5, 13, fmt=".3g")
+        self.tokens_per_stage = common.log_slider("tokens / stage", tokens_per_stage, 5, 13, fmt=".3g")
         self.compare = W.SelectMultiple(options=sched.KINDS, value=tuple(compare), rows=len(sched.KINDS),
                                         description="compare")
         self.preset_button = W.Button(description="paper 405M", tooltip="max 3e-4, min 3e-5, const 1.65e-4, "
@@ -97,9 +67,7 @@ class ScheduleExplorer:
         for control in self._controls():
             control.observe(lambda _: self.redraw(), names="value")
 
-        def column(title: str, *children: W.Widget) -> W.VBox:
-            return W.VBox([W.HTML(f"<b>{title}</b>"), *children])
-
+        column = common.column
         self.widget = W.VBox([
             W.HBox([
                 column("all kinds", self.kind, self.max_lr, self.min_lr, self.warmup),
@@ -174,7 +142,7 @@ class ScheduleExplorer:
     # -- actions ---------------------------------------------------------------------------------
     def apply_preset(self) -> None:
         """The paper's 405M values (PAPER.md) over 3 stages of 100B tokens; kind, anneal and decay kept."""
-        p = sched.PAPER_405M_VALUES
+        p = paper.LR_405M
         with self.hold():
             self.max_lr.value, self.min_lr.value = p["max_lr"], p["min_lr"]
             self.const_lr.value, self.alpha.value = p["const_lr"], p["alpha"]
@@ -209,19 +177,10 @@ class ScheduleExplorer:
         self.figure.clear()
         # fixed margins: a layout engine would draw the figure twice per redraw
         self.figure.subplots_adjust(left=0.08, right=0.98, bottom=0.12, top=0.96)
-        plots.plot_schedules({label: plan for label, (plan, _) in drawn.items()},
+        viz.plot_schedules({label: plan for label, (plan, _) in drawn.items()},
                              tokens_per_step={label: tps for label, (_, tps) in drawn.items()},
                              ax=self.figure.add_subplot())
         final = self.lr_curve()[1][-1]
         self.status.value = (f"{self.n_stages.value} stages of {self.tokens_per_stage.value:.3g} tokens; "
                              f"{self.kind.value} ends at lr {final:.3g}")
-        self.image.value = _png(self.figure)
-
-
-def __getattr__(name: str) -> Any:
-    """``RunLauncher`` and ``ResultsBrowser`` live in ``cptlab.launcher`` (which builds on this module)."""
-    if name in ("RunLauncher", "ResultsBrowser"):
-        from cptlab import launcher
-
-        return getattr(launcher, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        self.image.value = common.png(self.figure)

@@ -1,0 +1,182 @@
+"""``cptlab report DIR``: judge every finding of PAPER.md on the runs of a scale; write ``DIR/REPORT.md``.
+
+The report has one row per finding (``cptlab.analysis.findings``): the claim, where the paper shows it,
+this run's figures (PNGs that the notebooks saved under DIR, linked relatively), the measured numbers and
+``reproduced: yes / no / not run``. It then gives the final-loss tables next to the paper's
+(``cptlab.analysis.results``), the rules with their tolerances, and every figure found under DIR.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cptlab.analysis import findings as F
+from cptlab.analysis import metrics as M
+from cptlab.analysis import results as T
+from cptlab.files import atomic_write_text
+from cptlab.study import paper
+from cptlab.training.store import RunDir, RunStore
+
+
+def find_figures(out_dir: str | Path) -> list[Path]:
+    """Every PNG under ``out_dir`` (notebooks save theirs into ``out_dir/<notebook>/``), sorted; files in
+    hidden folders and in run directories (any with a ``metrics.jsonl``) are left out."""
+    out_dir = Path(out_dir)
+    found = []
+    for p in out_dir.rglob("*.png"):
+        parts = p.relative_to(out_dir).parts
+        if any(part.startswith(".") for part in parts):
+            continue
+        if any(RunDir(out_dir.joinpath(*parts[:i])).metrics_path.exists() for i in range(1, len(parts))):
+            continue
+        found.append(p)
+    return sorted(found)
+
+
+def figures_for(finding: F.Finding, figures: list[Path], out_dir: str | Path) -> list[Path]:
+    """The figures of ``finding``'s notebooks (a folder under ``out_dir`` named after the notebook, with
+    or without a ``-<shift>`` suffix) whose file name contains one of its keywords; all of those
+    notebooks' figures when none does."""
+    out_dir = Path(out_dir)
+    mine = [p for p in figures if p.relative_to(out_dir).parts[0].startswith(finding.notebooks)]
+    named = [p for p in mine if any(k in p.stem.lower() for k in finding.keywords)]
+    return named or mine
+
+
+def _cell(x: object) -> str:
+    if isinstance(x, (bool, np.bool_)):
+        return "yes" if x else "no"
+    if isinstance(x, numbers.Integral):
+        return f"{x:,}" if abs(x) >= 1e4 else str(x)
+    if isinstance(x, numbers.Real):
+        x = float(x)
+        if math.isnan(x):
+            return "—"
+        if abs(x) >= 1e9:
+            return f"{x:.3g}"
+        return f"{x:,.0f}" if abs(x) >= 1e3 and x == round(x) else f"{x:.3f}"
+    return str(x).replace("|", "\\|")
+
+
+def md_table(df: pd.DataFrame) -> str:
+    """A DataFrame as a Markdown table (index first): losses with 3 decimals, counts with thousands
+    separators, FLOPs in scientific notation, NaN as a dash."""
+    head = [df.index.name or "", *map(str, df.columns)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for idx, *values in df.itertuples():
+        lines.append("| " + " | ".join([_cell(idx), *(_cell(v) for v in values)]) + " |")
+    return "\n".join(lines)
+
+
+def _with_paper(ours: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
+    table = M.side_by_side(ours, paper)
+    for c in ("D0", "D1", "avg"):  # mean ± std over seeds where several seeds ran
+        std = ours.get(f"{c}_std")
+        if std is not None and std.notna().any():
+            table[c] = [f"{m:.3f} ± {s:.3f}" if not math.isnan(s) else _cell(m) for m, s in zip(ours[c], std)]
+    table["seeds"] = ours["n_seeds"].astype(int)
+    return table
+
+
+def render_report(res: T.Results, out_dir: str | Path, scale: str = "", root: str | Path = "",
+                  verdicts: list[tuple[F.Finding, F.Verdict]] | None = None) -> str:
+    """REPORT.md's text (links relative to ``out_dir``); ``verdicts`` default to ``judge_all(res)``."""
+    out_dir = Path(out_dir)
+    verdicts = verdicts if verdicts is not None else F.judge_all(res)
+    figures = find_figures(out_dir)
+    counts = {s: sum(v.status == s for _, v in verdicts) for s in (F.YES, F.NO, F.NOT_RUN)}
+    lines = ["# Reproduction report", "",
+             f"Scale `{scale}`, runs from `{root}`, written {time.strftime('%Y-%m-%d %H:%M:%S')}."]
+    if res.expected:
+        lines.append(f"Finished runs: {res.finished} of the {res.expected} that its experiments build.")
+    lines += ["", f"**{counts[F.YES]} of {len(verdicts)} findings reproduced**, {counts[F.NO]} not, "
+              f"{counts[F.NOT_RUN]} not run. Paper numbers are the 405M model's (PAPER.md); ours match them "
+              "in direction, not in value.", ""]
+    lines += _findings_section(verdicts, figures, out_dir)
+    lines += _tables_section(res)
+    lines += ["## Rules", "", "Final loss = mean of the last 2 evaluations of a run's last stage; means "
+              "over seeds where several ran; unfinished runs are ignored; a rule missing a run says "
+              "\"not run\".", ""]
+    lines += [f"{i}. **{f.claim}**: {f.rule}." for i, (f, _) in enumerate(verdicts, 1)]
+    lines += _figures_section(figures, out_dir)
+    return "\n".join(lines) + "\n"
+
+
+def _findings_section(verdicts: list[tuple[F.Finding, F.Verdict]], figures: list[Path],
+                      out_dir: Path) -> list[str]:
+    lines = ["## Findings", "", "| # | Finding | Paper | This run's figure | Measured | Reproduced |",
+             "|---|---|---|---|---|---|"]
+    for i, (finding, verdict) in enumerate(verdicts, 1):
+        links = "<br>".join(f"[{p.relative_to(out_dir).as_posix()}]({p.relative_to(out_dir).as_posix()})"
+                            for p in figures_for(finding, figures, out_dir)) or "—"
+        cells = [str(i), finding.claim, finding.paper, links, verdict.measured, f"**{verdict.status}**"]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return lines + [""]
+
+
+def _tables_section(res: T.Results) -> list[str]:
+    lines = ["## Final losses (ours next to the paper's 405M)", ""]
+    for shift, table in T.replay_tables(res).items():
+        lines += [f"### Replay, {shift} shift ({paper.D0} -> {paper.SHIFTS[shift]})", "",
+                  md_table(_with_paper(table, M.paper_replay_table(shift))), ""]
+    for shift, table in T.max_lr_tables(res).items():
+        lines += [f"### Max LR, {shift} shift, no replay", "",
+                  md_table(_with_paper(table, M.paper_max_lr_table(shift))), ""]
+    lines += ["### Warmup length, weak shift", "", md_table(T.warmup_table(res)), "",
+              "### Re-warming: rise of D0 loss over the stage", "", md_table(T.rewarm_table(res)), "",
+              "### Infinite schedules: loss on the chunks' data at each chunk end", "",
+              md_table(T.infinite_table(res)), ""]
+    for shift in paper.SHIFTS:
+        table = T.compute_table(res, shift)
+        shown = md_table(table.drop(columns=["role", "replay"], errors="ignore")) if len(table) else "not run"
+        lines += [f"### Compute vs average loss, {shift} shift", "", shown, ""]
+    for shift in paper.SHIFTS:
+        table = T.scale_table(res, shift)
+        lines += [f"### Scale study, {shift} shift (forgetting = D0 rise over the same size's base model)",
+                  "", md_table(table) if len(table) else "not run", ""]
+    return lines
+
+
+def _figures_section(figures: list[Path], out_dir: Path) -> list[str]:
+    lines = ["", "## Figures", ""]
+    if not figures:
+        lines.append(f"No PNG figures under `{out_dir}`.")
+    folder = None
+    for p in figures:
+        rel = p.relative_to(out_dir)
+        if rel.parent != folder:
+            folder = rel.parent
+            lines += ["", f"### {folder.as_posix()}", ""]
+        lines.append(f"![{rel.stem}]({rel.as_posix()})")
+    return lines
+
+
+def write_report(out_dir: str | Path, scale: str = "tiny", runs: str | Path | None = None,
+                 device: str = "auto", results: T.Results | None = None,
+                 log: Callable[[str], None] | None = print) -> Path:
+    """Judge the findings on the runs of ``scale`` in the run store ``runs`` (default
+    ``runs_root()``; ``device`` as the runs were built, it is part of their config) and write
+    ``out_dir/REPORT.md``; return its path. ``results``: judge these instead of loading the run store.
+    ``log`` gets one line per finding (None: quiet)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = RunStore(runs).root
+    if results is None:
+        results = T.collect_results(scale, root, device)
+    verdicts = F.judge_all(results)
+    path = out_dir / "REPORT.md"
+    atomic_write_text(path, render_report(results, out_dir, scale, root, verdicts))
+    if log is not None:
+        for i, (finding, verdict) in enumerate(verdicts, 1):
+            log(f"[report] {i}. {verdict.status:7} {finding.claim}")
+        if results.expected:
+            log(f"[report] {results.finished} of {results.expected} runs of scale {scale} finished in {root}")
+        log(f"[report] wrote {path}")
+    return path

@@ -1,0 +1,38 @@
+"""The lab's figures, one function per paper figure, each returning a matplotlib ``Figure``.
+
+    1  plot_compute_vs_loss   compute vs average final loss: continual + replay vs union baselines  (finals)
+    2  plot_warmup            D0 and D1 loss vs tokens for each re-warming length                  (curves)
+    3  plot_max_lr            D0 and D1 loss vs tokens: constant LR, re-warm, re-warm + re-decay   (curves)
+    4  plot_replay_curves     D0 and D1 loss vs tokens for each replay fraction of one shift       (curves)
+       plot_replay_table      final D0, D1 and average loss vs replay fraction (Table 2)           (finals)
+    5  plot_rewarm_same_data  D0 loss vs tokens when re-warming on D0 itself                       (curves)
+    6  plot_schedules         LR against tokens for one or more multi-stage schedules           (schedules)
+       plot_paper_schedules   the paper's schedules over 3 stages: repeated cosine vs infinite  (schedules)
+    7  plot_infinite          loss vs tokens over 3 chunks: repeated cosine vs infinite schedules  (curves)
+    -  plot_forgetting        D0 and D1 loss vs tokens: no replay, replay, union baseline          (curves)
+    -  plot_scale_forgetting  forgetting vs model size, no replay and chosen replay                 (scales)
+    -  plot_scale_compute     average final loss vs compute at each model size                     (scales)
+
+Figures are built with ``matplotlib.figure.Figure`` (not pyplot), so nothing is kept in pyplot's global
+state and nothing pops up on its own; show one in a notebook by making it a cell's last value, or save it
+with ``save_figure``. Every function takes ``ax=None`` (``axes=None`` for several panels) to draw into
+existing axes instead. ``cptlab.viz.common`` holds the styles and conventions they share.
+"""
+
+from cptlab.viz.common import format_tokens, save_figure
+from cptlab.viz.curves import (
+    plot_forgetting,
+    plot_infinite,
+    plot_max_lr,
+    plot_replay_curves,
+    plot_rewarm_same_data,
+    plot_warmup,
+)
+from cptlab.viz.finals import plot_compute_vs_loss, plot_replay_table
+from cptlab.viz.scales import plot_scale_compute, plot_scale_forgetting
+from cptlab.viz.schedules import plot_paper_schedules, plot_schedules, schedule_curve
+
+__all__ = ["format_tokens", "save_figure", "schedule_curve", "plot_schedules", "plot_paper_schedules",
+           "plot_compute_vs_loss", "plot_warmup", "plot_max_lr", "plot_replay_curves", "plot_replay_table",
+           "plot_rewarm_same_data", "plot_infinite", "plot_forgetting", "plot_scale_forgetting",
+           "plot_scale_compute"]
