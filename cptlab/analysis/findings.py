@@ -319,7 +319,7 @@ FINDINGS: list[Finding] = [
             "figure list #1",
             f"per shift, the chosen replay run's average loss is at most {UNION_TOL:.0%} above the 1x "
             f"union's while its own tokens (beyond the shared D0 base model) are at most "
-            f"{COMPUTE_RATIO:.0%} of the union's; unions at more compute (the scale's ``union_factors``, "
+            f"{COMPUTE_RATIO:.0%} of the union's; unions at more compute (the scale's `union_factors`, "
             "none at tiny) show more of the union's curve",
             ("06_compute",), ("compute",), _per_shift(judge_compute)),
     Finding("scale-replay", "Replay reduces forgetting at every model size", "405M and 10B, weak shift",
