@@ -85,6 +85,8 @@ def test_a_store_of_absolute_checkpoint_paths_still_loads_and_can_move(tmp_path)
     moved = RunStore(tmp_path / "new")
     assert moved.path("replay", run.run_id) == tmp_path / "new" / "replay" / old_dir.name
     RunDir(moved.path("replay", run.run_id)).claim(run.config.resolve(vocab_size=1024))  # the same run
+    # the launcher finds it by the hash of its config, as it finds a new run
+    assert [r.path for r in moved.with_hash(run.config.hash())] == [moved.path("replay", run.run_id)]
 
 
 def test_a_different_config_is_still_refused_in_an_old_store(tmp_path):

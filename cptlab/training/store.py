@@ -269,7 +269,8 @@ class RunStore:
 
     def with_hash(self, config_hash: str) -> list[RunDir]:
         """The runs of any experiment and name whose config hashes to ``config_hash``, finished ones first."""
-        found = self.root.glob(f"*/*-{config_hash}")
+        found = set(self.root.glob(f"*/*-{config_hash}"))
+        found |= {path for (_, rid), path in self._legacy().items() if rid.endswith(f"-{config_hash}")}
         return [RunDir(p) for p in sorted(found, key=lambda p: (not (p / "DONE").exists(), str(p)))]
 
     def _legacy(self) -> dict[tuple[str, str], Path]:
