@@ -44,3 +44,12 @@ def test_notebooks_are_committed_without_outputs():
         assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), nb.name
         tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
         assert len(tagged) == 1, f"{nb.name} needs exactly one cell tagged 'parameters'"
+
+
+def test_no_function_is_longer_than_the_limit_unless_a_comment_says_why():
+    import runpy
+
+    script = runpy.run_path(str(ROOT / "scripts" / "function_lengths.py"))
+    rows = script["function_lengths"](ROOT / "cptlab")
+    too_long = [f"{where} ({n} lines)" for n, where, excused in rows if n > script["LIMIT"] and not excused]
+    assert not too_long, f"longer than {script['LIMIT']} lines with no comment saying why: {too_long}"
