@@ -57,15 +57,18 @@ class ModelConfig:
     dropout: float = 0.0
 
     def validate(self) -> None:
+        """Check the fields, and the shape they make with the preset's (the one the model is built with)."""
         if self.preset is not None:
             _check_choice("model.preset", self.preset, tuple(MODEL_PRESETS), "preset")
-        for key in ("n_layer", "n_head", "d_model", "n_ctx", "vocab_size"):
-            value = getattr(self, key)
+        preset = MODEL_PRESETS.get(self.preset or "", {})
+        shape = {key: getattr(self, key) if getattr(self, key) is not None else preset.get(key)
+                 for key in ("n_layer", "n_head", "d_model", "n_ctx", "vocab_size")}
+        for key, value in shape.items():
             if value is not None and value < 1:
                 raise ConfigError(f"model.{key}: must be >= 1, got {value}")
-        if self.n_head and self.d_model and self.d_model % self.n_head:
-            raise ConfigError(
-                f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+        d_model, n_head = shape["d_model"], shape["n_head"]
+        if d_model and n_head and d_model % n_head:
+            raise ConfigError(f"model.d_model ({d_model}) must be divisible by model.n_head ({n_head})")
         _check_range("model.rotary_pct", self.rotary_pct, 0.0, 1.0)
         _check_range("model.dropout", self.dropout, 0.0, 1.0)
 
@@ -188,6 +191,14 @@ class Stage:
     reset_optimizer: bool = True
     init_from: str | RunRef = "previous"  # previous | scratch | a checkpoint path | a run of the store
 
+    def sources(self) -> list[str]:
+        """The corpora the stage reads: its data, then its replay source (at 0% too: the sampler keeps a
+        replay stream that supplies no sequence, so a 0% run counts 0 tokens from it)."""
+        names = list(self.data)
+        if self.replay is not None and self.replay.source not in names:
+            names.append(self.replay.source)
+        return names
+
     def validate(self, where: str, known: set[str] | None, batch_tokens: int) -> None:
         """Check the stage; ``where`` names it in messages (``stages[1] (continue)``)."""
         if not self.name or "/" in self.name:
@@ -250,11 +261,17 @@ class RunConfig:
         paths against the file's folder."""
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a directory; give a YAML file") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         data = apply_overrides(data, overrides or [])

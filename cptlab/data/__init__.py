@@ -4,7 +4,8 @@ The pieces live in ``corpus`` (registry, user data, train/validation split), ``t
 ``shards`` (tokenised memmaps, the corpora table) and ``sampler`` (compute-equivalent replay).
 """
 
-from cptlab.data.corpus import SHIPPED, DataError, Registry, cache_root, split_mask
+from cptlab.data.checks import DataError
+from cptlab.data.corpus import SHIPPED, Registry, cache_root, split_mask
 from cptlab.data.sampler import BatchSampler
 from cptlab.data.shards import corpora_table, print_corpora_table, shard_meta, token_shard, val_tokens
 from cptlab.data.tokenizer import Tokenizer, load_tokenizer, train_bpe

@@ -3,7 +3,9 @@
 A user corpus is registered by name in a run config's ``corpora`` mapping:
 ``{mybooks: {path: "data/*.txt"}}``, ``{notes: {path: notes.jsonl, text_field: body}}``,
 ``{tables: {path: "dump/*.parquet"}}`` or ``{web: {hf: org/name, config: en, split: train}}``.
-Every corpus becomes a ``datasets.Dataset`` with one ``text`` column, one row per document.
+Every corpus becomes a ``datasets.Dataset`` with one ``text`` column, one row per document. Files are checked
+first (``cptlab.data.checks``): a binary file, an invalid JSON line or a record without the text field is an
+error naming the file and line; ``missing_text: skip`` leaves such records out instead, with a warning.
 The deterministic train/validation split by document lives here too (``split_mask``).
 
 A corpus too large to load whole is streamed: ``{web: {hf: org/name, streaming: true, max_tokens: 3.0e11}}``
@@ -16,21 +18,19 @@ split holds ``STREAM_VAL_MAX_TOKENS`` tokens.
 
 from __future__ import annotations
 
-import codecs
 import glob
 import hashlib
 import json
 import lzma
 import math
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cptlab.config import ConfigError
+from cptlab.data.checks import MISSING_TEXT, DataError, check_json_records, check_text
 
 # Bump when loading, cleaning or splitting changes: it invalidates every cached shard.
 DATA_VERSION = 1
@@ -61,13 +61,9 @@ STREAM_VAL_FRACTION = 0.002
 STREAM_VAL_MAX_TOKENS = 1 << 24
 
 USER_KEYS = ("path", "text_field", "sample_by", "hf", "config", "split", "revision",
-             "language", "domain", "description", "streaming", "max_tokens", "val_fraction")
+             "language", "domain", "description", "streaming", "max_tokens", "val_fraction", "missing_text")
 FILE_KINDS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SAMPLE_BY = ("document", "paragraph", "line")
-
-
-class DataError(ConfigError):
-    """Bad data or a bad corpus spec; the message says which corpus and what is allowed."""
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -121,6 +117,9 @@ class Registry:
         sample_by = spec.get("sample_by", "document")
         if sample_by not in SAMPLE_BY:
             raise DataError(f"{where}.sample_by: {sample_by!r} not allowed; allowed: {', '.join(SAMPLE_BY)}")
+        if spec.get("missing_text", "error") not in MISSING_TEXT:
+            raise DataError(f"{where}.missing_text: {spec['missing_text']!r} not allowed; allowed: "
+                            f"{', '.join(MISSING_TEXT)}")
         spec = dict(spec)
         streaming = spec.get("streaming", False)
         if not isinstance(streaming, bool):
@@ -213,7 +212,7 @@ class Registry:
         elif "hf" in spec:
             ds = _load_dataset(spec["hf"], spec.get("config"), split=spec.get("split") or "train",
                                revision=spec.get("revision"), cache_dir=hf_cache)
-            ds = _text_column(ds, where, spec.get("text_field") or "text", spec["hf"])
+            ds = _text_column(ds, where, spec, spec["hf"])
         else:
             ds = self._load_files(name, spec, hf_cache)
         ds = ds.filter(_non_empty, batched=True, desc=f"dropping empty documents of {name}")
@@ -230,11 +229,11 @@ class Registry:
                 ds = ds.map(_split_separators, batched=True, desc=f"splitting documents of {name}")
             return ds
         ds = _load_dataset(kind, data_files=data_files, split="train", cache_dir=hf_cache, **extra)
-        return _text_column(ds, where, spec.get("text_field") or "text", _shown_files(spec, data_files))
+        return _text_column(ds, where, spec, _shown_files(spec, data_files))
 
     def _file_args(self, name: str, spec: dict[str, Any]) -> tuple[str, list[str], dict[str, Any]]:
-        """(builder, data files, extra ``load_dataset`` arguments) of a ``path`` corpus; counts and warns
-        about invalid UTF-8 on the way."""
+        """(builder, data files, extra ``load_dataset`` arguments) of a ``path`` corpus, after checking its
+        files (``cptlab.data.checks``: text, valid JSON records holding the text field)."""
         where = f"corpora.{name}"
         files = self._files[name]
         kinds = {FILE_KINDS[f.suffix.lower()] for f in files}
@@ -245,12 +244,11 @@ class Registry:
         data_files = [str(f) for f in files]
         bad = 0
         if kind in ("text", "json"):
+            bad = sum(check_text(where, f) for f in files)
+        if kind == "json":
             for f in files:
-                n = count_invalid_utf8(f)
-                if n:
-                    warnings.warn(f"{where}: {f} holds {n} invalid UTF-8 sequence(s); "
-                                  "each was replaced with U+FFFD", stacklevel=4)
-                bad += n
+                field = spec.get("text_field") or "text"
+                check_json_records(where, f, field, spec.get("missing_text", "error"))
         self.invalid_utf8[name] = bad
         if kind == "text":
             sample_by = spec.get("sample_by", "document")
@@ -269,17 +267,17 @@ class Registry:
         where = f"corpora.{name}"
         if not spec.get("streaming"):
             raise DataError(f"{where}: not a streamed corpus (add streaming: true to read it as a stream)")
-        field = spec.get("text_field") or "text"
+        field, missing = spec.get("text_field") or "text", spec.get("missing_text", "error")
         if "hf" in spec:
             ds = _load_dataset(spec["hf"], spec.get("config"), split=spec.get("split") or "train",
                                revision=spec.get("revision"), streaming=True)
-            return DocumentStream(ds, field, where, spec["hf"])
+            return DocumentStream(ds, field, where, spec["hf"], missing_text=missing)
         kind, data_files, extra = self._file_args(name, spec)
         ds = _load_dataset(kind, data_files=data_files, split="train", streaming=True, **extra)
         if kind == "text":
             return DocumentStream(ds, "text", where, _shown_files(spec, data_files),
                                   split_separators=extra["sample_by"] == "document")
-        return DocumentStream(ds, field, where, _shown_files(spec, data_files))
+        return DocumentStream(ds, field, where, _shown_files(spec, data_files), missing_text=missing)
 
 
 class DocumentStream:
@@ -290,9 +288,11 @@ class DocumentStream:
     stream of the same corpus before iterating, continues with the next example.
     """
 
-    def __init__(self, dataset: Any, field: str, where: str, shown: str, split_separators: bool = False):
+    def __init__(self, dataset: Any, field: str, where: str, shown: str, split_separators: bool = False,
+                 missing_text: str = "error"):
         self.dataset = dataset  # a datasets.IterableDataset
         self.field = field
+        self.missing_text = missing_text
         self.where = where
         self.shown = shown
         self.split_separators = split_separators
@@ -308,6 +308,10 @@ class DocumentStream:
                                 f"its fields: {', '.join(example)}")
             text = example[self.field]
             if text is None:
+                if self.missing_text == "error":
+                    raise DataError(f"{self.where}.text_field: an example of {self.shown} has no "
+                                    f"{self.field!r} (null); set {self.where}.missing_text: skip to leave "
+                                    "such examples out")
                 yield []
                 continue
             if not isinstance(text, str):
@@ -389,8 +393,10 @@ def _resolve_files(where: str, pattern: str) -> list[Path]:
     return files
 
 
-def _text_column(ds, where: str, field: str, shown: str):
-    """Keep only ``field``, renamed to ``text``; a clear error if it is missing or not text."""
+def _text_column(ds, where: str, spec: dict[str, Any], shown: str):
+    """Keep only the spec's text field, renamed to ``text``; a clear error if it is missing or not text, and
+    if records lack it (null) unless the spec says ``missing_text: skip``."""
+    field = spec.get("text_field") or "text"
     if field not in ds.column_names:
         raise DataError(f"{where}.text_field: {shown} has no field {field!r}; "
                         f"its fields: {', '.join(ds.column_names)}")
@@ -398,6 +404,10 @@ def _text_column(ds, where: str, field: str, shown: str):
     if dtype not in ("string", "large_string"):
         raise DataError(f"{where}.text_field: field {field!r} of {shown} is not text (it is {dtype})")
     ds = ds.select_columns([field])
+    nulls = ds.data.column(field).null_count
+    if nulls and spec.get("missing_text", "error") == "error":
+        raise DataError(f"{where}.text_field: {nulls} of {len(ds)} records of {shown} have no {field!r}; set "
+                        f"{where}.missing_text: skip to train without them")
     return ds.rename_column(field, "text") if field != "text" else ds
 
 
@@ -407,32 +417,6 @@ def _non_empty(batch: dict[str, list]) -> list[bool]:
 
 def _split_separators(batch: dict[str, list]) -> dict[str, list]:
     return {"text": [doc for t in batch["text"] for doc in t.split(SEPARATOR)]}
-
-
-_invalid_seen = 0
-
-
-def _replace_and_count(exc: UnicodeError) -> tuple[str, int]:
-    global _invalid_seen
-    if not isinstance(exc, UnicodeDecodeError):
-        raise exc
-    _invalid_seen += 1
-    return "\ufffd", exc.end
-
-
-codecs.register_error("cptlab-replace-count", _replace_and_count)
-
-
-def count_invalid_utf8(path: str | os.PathLike, chunk: int = 1 << 22) -> int:
-    """How many U+FFFD a replacing UTF-8 decode of the file inserts (0 for a valid file)."""
-    global _invalid_seen
-    _invalid_seen = 0
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="cptlab-replace-count")
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            decoder.decode(block)
-    decoder.decode(b"", final=True)
-    return _invalid_seen
 
 
 def doc_key(text: str) -> int:

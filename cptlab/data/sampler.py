@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from cptlab.config import ReplayConfig
-from cptlab.data.corpus import DataError
+from cptlab.data.checks import DataError
 
 STATE_VERSION = 1
 LOOKAHEAD = 4096  # window indices computed at a time per stream

@@ -31,7 +31,8 @@ from typing import Any, TextIO
 import numpy as np
 
 from cptlab.config import TokenizerConfig
-from cptlab.data.corpus import DataError, Registry, cache_root, doc_key, split_mask, stream_is_val
+from cptlab.data.checks import DataError
+from cptlab.data.corpus import Registry, cache_root, doc_key, split_mask, stream_is_val
 from cptlab.data.tokenizer import Tokenizer, load_tokenizer
 from cptlab.files import atomic_write_text
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from cptlab.config import TokenizerConfig
-from cptlab.data.corpus import SHIPPED, DataError, Registry, cache_root, doc_key, split_mask
+from cptlab.data.checks import DataError
+from cptlab.data.corpus import SHIPPED, Registry, cache_root, doc_key, split_mask
 from cptlab.files import atomic_write_text
 
 EOT = "<|endoftext|>"

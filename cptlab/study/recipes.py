@@ -303,11 +303,7 @@ def prepare(config_path: str | Path, cache_dir: str | Path | None = None) -> dic
     registry = data.Registry(cfg.corpora)
     cfg.validate(registry.names())
     tokenizer = data.load_tokenizer(cfg.tokenizer, registry, cache_dir=cache_dir)
-    names = set(cfg.eval.sets)
-    for st in cfg.stages:
-        names |= set(st.data)
-        if st.replay is not None and st.replay.fraction > 0:
-            names.add(st.replay.source)
+    names = set(cfg.eval.sets).union(*(st.sources() for st in cfg.stages))
     return {n: data.shard_meta(n, tokenizer, registry, cache_dir) for n in sorted(names)}
 
 
