@@ -33,9 +33,14 @@ def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device
 
     With every notebook and ``prefetch``, the runs of all experiments are trained first in one go, so
     the CPU's cores stay busy across notebooks; the notebooks then find their runs in the store."""
-    import papermill  # imported here: a second or two that ``cptlab --help`` need not pay
-
+    from cptlab.config import ConfigError
+    from cptlab.study.scales import get_scale
     from cptlab.training.store import runs_root
+
+    try:
+        get_scale(scale)
+    except ValueError as exc:  # before any notebook runs
+        raise ConfigError(f"--{exc}") from None
 
     # The kernels run in notebooks/: give them (and the report) the run store as an absolute path.
     os.environ["CPTLAB_RUNS"] = str(runs_root())
@@ -51,21 +56,11 @@ def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device
         shifts = ["weak", "strong"] if "shift" in defaults and "shift" not in (params or {}) else [None]
         for shift in shifts:
             name = path.stem + (f"-{shift}" if shift else "")
-            values = {"scale": scale, "device": device, "out_dir": str(out / name)}
-            values.update(params or {})
+            values = {"scale": scale, "device": device, "out_dir": str(out / name), **(params or {})}
             if shift:
                 values["shift"] = shift
-            values = {k: v for k, v in values.items() if k in defaults}
-            start = time.perf_counter()
-            print(f"[batch] {name}: running at scale {scale} ...", flush=True)
-            try:
-                papermill.execute_notebook(str(path), str(out / f"{name}.ipynb"), parameters=values,
-                                           cwd=str(path.parent), progress_bar=False)
-                status = "ok"
-            except Exception as exc:  # noqa: BLE001 - papermill saved the notebook with its error
+            if not _execute(path, out / f"{name}.ipynb", {k: v for k, v in values.items() if k in defaults}):
                 failed.append(name)
-                status = f"FAILED ({type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]})"
-            print(f"[batch] {name}: {status} in {time.perf_counter() - start:.1f}s", flush=True)
     print(f"[batch] {len(failed)} failed of the notebooks run, {time.perf_counter() - total_start:.0f}s "
           f"in all; executed notebooks in {out}", flush=True)
     try:  # the findings judged on the runs the notebooks trained, with links to their figures
@@ -78,6 +73,23 @@ def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device
     if failed:
         print(f"[batch] failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _execute(path: Path, executed: Path, parameters: dict[str, Any]) -> bool:
+    """Execute one notebook into ``executed`` with papermill (saved with its error if it fails); says how it
+    went and returns whether it succeeded."""
+    import papermill  # imported here: a second or two that `cptlab --help` need not pay
+
+    start = time.perf_counter()
+    print(f"[batch] {executed.stem}: running at scale {parameters.get('scale')} ...", flush=True)
+    try:
+        papermill.execute_notebook(str(path), str(executed), parameters=parameters, cwd=str(path.parent),
+                                   progress_bar=False)
+        status = "ok"
+    except Exception as exc:  # noqa: BLE001 - papermill saved the notebook with its error
+        status = f"FAILED ({type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]})"
+    print(f"[batch] {executed.stem}: {status} in {time.perf_counter() - start:.1f}s", flush=True)
+    return status == "ok"
 
 
 def _prefetch(scale: str, device: str) -> list[str]:

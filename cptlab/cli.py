@@ -19,7 +19,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from cptlab.training.train import train
 
     cfg = RunConfig.load(args.config, args.set)
-    result = train(cfg, args.out, quiet=args.quiet, runs_root=args.runs)
+    result = train(cfg, args.out, quiet=args.quiet, runs_root=args.runs, wait=args.wait)
     return 0 if result.status == "done" else 1
 
 
@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default=None, metavar="ROOT",
                    help="run store in which a stage's init_from {experiment, run, stage} is found "
                         "(default: the store that holds DIR, i.e. DIR/../..)")
+    p.add_argument("--wait", action="store_true",
+                   help="if another trainer holds DIR, wait for it to finish instead of refusing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
@@ -88,15 +90,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _expected(exc: Exception) -> tuple[str, int] | None:
+    """(what kind of failure, exit code) of an expected error, None for an unexpected one (which keeps its
+    traceback). Imported here: the training modules load torch, which ``cptlab --help`` need not."""
     from cptlab.config import ConfigError
+    from cptlab.training.rundir import RunDirError
+    from cptlab.training.train import TrainingDiverged
 
+    if isinstance(exc, ConfigError):
+        return "config error", 2
+    if isinstance(exc, RunDirError):
+        return "run directory", 2
+    if isinstance(exc, TrainingDiverged):
+        return "diverged", 1
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"cptlab {args.command}: config error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"cptlab {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        expected = _expected(exc)
+        if expected is None:
+            raise
+        kind, code = expected
+        print(f"cptlab {args.command}: {kind}: {exc}", file=sys.stderr)
+        return code

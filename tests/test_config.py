@@ -118,7 +118,7 @@ def test_a_field_at_its_default_does_not_enter_the_hash(example):
 
 
 def test_a_run_dir_written_before_a_field_existed_is_still_the_same_run(example, tmp_path):
-    from cptlab.training.store import RunDir
+    from cptlab.training.rundir import RunDir
 
     cfg = RunConfig.load(example).resolve(vocab_size=8192)
     run = RunDir(tmp_path)

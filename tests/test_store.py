@@ -11,7 +11,8 @@ import pytest
 
 from cptlab.config import RunConfig, RunRef
 from cptlab.study import experiments as E
-from cptlab.training.store import RunDir, RunDirError, RunStore, legacy_reference, run_id, with_references
+from cptlab.training.rundir import RunDir, RunDirError, legacy_reference, with_references
+from cptlab.training.store import RunStore, run_id
 
 
 def continual() -> E.Run:

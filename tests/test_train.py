@@ -17,7 +17,7 @@ import yaml
 
 from cptlab.config import ConfigError, RunConfig
 from cptlab.training import runtime
-from cptlab.training.store import RunDirError
+from cptlab.training.rundir import RunDirError
 from cptlab.training.train import TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[1]

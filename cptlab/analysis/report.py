@@ -22,7 +22,8 @@ from cptlab.analysis import metrics as M
 from cptlab.analysis import results as T
 from cptlab.files import atomic_write_text
 from cptlab.study import paper
-from cptlab.training.store import RunDir, RunStore
+from cptlab.training.rundir import RunDir
+from cptlab.training.store import RunStore
 
 
 def find_figures(out_dir: str | Path) -> list[Path]:

@@ -23,7 +23,8 @@ from cptlab.study import experiments as E
 from cptlab.study import paper
 from cptlab.study.scales import Scale, get_scale
 from cptlab.training.model import GPT
-from cptlab.training.store import RunDir, RunStore
+from cptlab.training.rundir import RunDir
+from cptlab.training.store import RunStore
 
 MAX_SEEDS = 10  # seeds 0..9 of the base model and replay sweep are picked up where their base model ran
 EXPERIMENTS = ("base", "replay", "warmup", "max_lr", "d0_rewarm", "infinite", "compute", "scales")

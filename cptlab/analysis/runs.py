@@ -7,7 +7,8 @@ from typing import Any
 
 import pandas as pd
 
-from cptlab.training.store import RunDir, RunStore
+from cptlab.training.rundir import RunDir
+from cptlab.training.store import RunStore
 
 
 def eval_frame(run: str | Path | RunDir, labels: dict[str, Any] | None = None) -> pd.DataFrame:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from cptlab.study.experiments import Run
 from cptlab.training import runtime
-from cptlab.training.store import RunDir, RunStore
+from cptlab.training.rundir import RunDir
+from cptlab.training.store import RunStore
 
 Log = Callable[[str], None]
 

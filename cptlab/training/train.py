@@ -39,13 +39,16 @@ from cptlab import data, schedules
 from cptlab.config import ConfigError, RunConfig, RunRef, Stage
 from cptlab.training import distributed, runtime
 from cptlab.training.model import GPT
-from cptlab.training.store import RunDir, RunStore, load_checkpoint
+from cptlab.training.rundir import RunDir, RunDirError, load_checkpoint
+from cptlab.training.store import RunStore
 
 # Beyond this many passes over a corpus a stage warns: the first `small` design read en-man 26 times and
 # its D0 validation loss rose from 3.67 (after ~5 passes) to 6.11.
 MAX_EPOCHS_BEFORE_WARNING = 5
 
 Record = dict[str, Any]
+# Settings a resumed run may change: they change how it is run and logged, not what it computes.
+RESUME_MAY_CHANGE = ("train.threads", "train.checkpoint_every_tokens", "train.log_every_steps")
 
 
 class TrainingDiverged(RuntimeError):
@@ -96,18 +99,23 @@ class _StageRun:
 
 def train(cfg: RunConfig, out_dir: str | Path, *, quiet: bool = False,
           stop: Callable[[], bool] | None = None, on_record: Callable[[Record], None] | None = None,
-          cache_dir: str | Path | None = None, runs_root: str | Path | None = None) -> TrainResult:
+          cache_dir: str | Path | None = None, runs_root: str | Path | None = None,
+          wait: bool = False) -> TrainResult:
     """Run (or resume) ``cfg`` in ``out_dir``. ``stop()`` returning True ends the run at the next step
     with a checkpoint (resume by calling again); ``on_record`` sees every metrics line as it is written.
     A stage whose ``init_from`` names another run finds it in the run store ``runs_root`` (default: the
-    store that holds ``out_dir``, its grandparent folder: ``<root>/<experiment>/<run id>``)."""
+    store that holds ``out_dir``, its grandparent folder: ``<root>/<experiment>/<run id>``). A run
+    directory another trainer holds is refused, or waited for with ``wait``."""
     owns_group = not (dist.is_available() and dist.is_initialized())
     rank, world = distributed.setup()
+    trainer = None
     try:
         trainer = Trainer(cfg, out_dir, rank, world, quiet=quiet, stop=stop, on_record=on_record,
-                          cache_dir=cache_dir, runs_root=runs_root)
+                          cache_dir=cache_dir, runs_root=runs_root, wait=wait)
         return trainer.run()
     finally:
+        if trainer is not None:
+            trainer.close()
         # A process group left to the interpreter's exit can abort it ("terminate called without an
         # active exception" from gloo's threads), so the group this call created ends with it.
         if world > 1 and owns_group and dist.is_initialized():
@@ -120,18 +128,30 @@ class Trainer:
     def __init__(self, cfg: RunConfig, out_dir: str | Path, rank: int = 0, world: int = 1, *,
                  quiet: bool = False, stop: Callable[[], bool] | None = None,
                  on_record: Callable[[Record], None] | None = None, cache_dir: str | Path | None = None,
-                 runs_root: str | Path | None = None):
+                 runs_root: str | Path | None = None, wait: bool = False):
         self.rank, self.world, self.quiet, self.stop, self.on_record = rank, world, quiet, stop, on_record
         self.out_dir = Path(out_dir)
         self.store = RunStore(runs_root if runs_root is not None else self.out_dir.absolute().parent.parent)
         self._check_and_load(cfg, cache_dir)
         self.run_dir = RunDir(self.out_dir)
+        self.run_dir.check_usable()
         if not self.run_dir.config_path.exists():  # a new run: nothing is written before this check
             self._starting_checkpoints(_Progress(), None)
-        self._claim()
-        self._build_model()
-        self._resume()
-        self.start_from = self._starting_checkpoints(self.progress, self.sampler_state)
+        if rank == 0:
+            self.run_dir.lock(wait)
+        try:
+            self._claim()
+            self._build_model()
+            self._resume()
+            self.start_from = self._starting_checkpoints(self.progress, self.sampler_state)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close metrics.jsonl and let go of the run directory (also after an error)."""
+        self.run_dir.close()
+        self.run_dir.unlock()
 
     # -- set-up ----------------------------------------------------------------------------------
     def _check_and_load(self, cfg: RunConfig, cache_dir: str | Path | None) -> None:
@@ -155,9 +175,10 @@ class Trainer:
         if self.cfg.model.vocab_size < tokenizer.vocab_size:
             raise ConfigError(f"model.vocab_size ({self.cfg.model.vocab_size}) is smaller than the "
                               f"tokenizer's ({tokenizer.vocab_size})")
-        names = sorted({n for st in self.cfg.stages for n in _stage_sources(st)})
+        names = sorted({n for st in self.cfg.stages for n in st.sources()})
         self.shards = {n: data.token_shard(n, "train", tokenizer, registry, cache_dir=cache_dir)
                        for n in names}
+        self._check_shards()
         self.val_sets = {n: data.val_tokens(n, tokenizer, registry, self.cfg.eval.tokens, cache_dir=cache_dir)
                          for n in self.cfg.eval.sets}
         for name, tokens in self.val_sets.items():
@@ -165,10 +186,27 @@ class Trainer:
                 raise ConfigError(f"eval.sets: {name!r} has {len(tokens)} validation tokens, fewer than one "
                                   f"sequence of train.seq_len + 1 = {self.t.seq_len + 1}")
 
+    def _check_shards(self) -> None:
+        """Every corpus a stage reads holds at least one training sequence (else no stage would start)."""
+        need = self.t.seq_len + 1
+        for i, stage in enumerate(self.cfg.stages):
+            for name in stage.sources():
+                n = len(self.shards[name])
+                if n < need:
+                    key = "replay.source" if name not in stage.data else f"data.{name}"
+                    raise ConfigError(f"stages[{i}] ({stage.name}).{key}: corpus {name!r} has {n} training "
+                                      f"tokens, fewer than one sequence of train.seq_len + 1 = {need}")
+
     def _claim(self) -> None:
-        """Take the run directory (rank 0; the others wait for it)."""
+        """Write or check config.json (rank 0; the others wait for it). A resumed run may change the
+        settings that do not change its result (``RESUME_MAY_CHANGE``, and the device while both are the
+        CPU); any other change is refused."""
         if self.rank == 0:
-            self.run_dir.claim(self.cfg)
+            tolerated = RESUME_MAY_CHANGE
+            if self.run_dir.config_path.exists() and _both_cpu(self.run_dir.load_config().train.device,
+                                                               self.t.device):
+                tolerated += ("train.device",)
+            self.run_dir.claim(self.cfg, tolerated)
         if self.world > 1:
             dist.barrier()
 
@@ -197,6 +235,10 @@ class Trainer:
         self.sampler_state: dict[str, Any] | None = None
         self.last_val: dict[str, float] = {}
         ckpt = self.run_dir.latest_checkpoint() if self.run_dir.config_path.exists() else None
+        if ckpt is None and self.run_dir.done:
+            raise RunDirError(f"{self.out_dir} is a finished run (DONE) whose checkpoints are gone; it is "
+                              f"not trained again: delete {self.out_dir} (or its DONE and metrics.jsonl) to "
+                              "retrain it")
         if ckpt is not None:
             distributed.load_model(self.model, ckpt["model"])
             distributed.load_optimizer(self.model, self.optimizer, ckpt["optimizer"])
@@ -224,7 +266,8 @@ class Trainer:
                                       f"store {self.store.root} (train it first, or pass --runs ROOT)")
             else:
                 path = Path(stage.init_from)
-                if not path.exists():
+                earlier = {self.run_dir.stage_checkpoint(s.name).absolute() for s in self.cfg.stages[:i]}
+                if not path.exists() and path.absolute() not in earlier:  # an earlier stage may write it
                     raise ConfigError(f"{where}: checkpoint {path} does not exist")
             out[i] = path
         return out
@@ -272,6 +315,7 @@ class Trainer:
         if not self.quiet and self.rank == 0:
             from tqdm.auto import tqdm
 
+            print(f"stage {stage.name}: {_mixture(stage)}", flush=True)
             batch_tokens = self.t.batch_size * self.t.seq_len
             current.bar = tqdm(total=current.n_steps * batch_tokens, initial=p.stage_step * batch_tokens,
                                desc=f"[{si + 1}/{len(self.cfg.stages)}] {stage.name}", unit="tok",
@@ -301,7 +345,7 @@ class Trainer:
         """The stage's batch sampler, where the checkpoint left it if resuming inside the stage."""
         p, t = self.progress, self.t
         sampler = data.BatchSampler(
-            {n: self.shards[n] for n in _stage_sources(stage)}, stage.data, stage.replay, t.seq_len,
+            {n: self.shards[n] for n in stage.sources()}, stage.data, stage.replay, t.seq_len,
             t.batch_size, stage.tokens, seed=t.seed, rank=self.rank, world_size=self.world,
             start={n: p.sequences_done.get(n, 0) for n in stage.data})
         if self.sampler_state is not None:
@@ -345,9 +389,11 @@ class Trainer:
             dist.all_reduce(loss_t)
             loss = float(loss_t) / self.world
         if not math.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss is {loss} at step {p.step + 1} (stage {current.stage.name!r}, stage step "
-                f"{p.stage_step + 1}); the last good checkpoint in {self.run_dir.ckpt_dir} is kept")
+            kept = self.run_dir.checkpoints()
+            left = (f"the last good checkpoint, {kept[0]}, is kept" if kept else
+                    "no checkpoint had been written yet")
+            raise TrainingDiverged(f"loss is {loss} at step {p.step + 1} (stage {current.stage.name!r}, "
+                                   f"stage step {p.stage_step + 1}, lr {lr:.3g}); {left}")
         batch_tokens = t.batch_size * t.seq_len
         p.stage_step += 1
         p.step += 1
@@ -461,11 +507,24 @@ def evaluate(model: torch.nn.Module, val_sets: dict[str, np.ndarray], seq_len: i
     return out
 
 
-def _stage_sources(stage: Stage) -> list[str]:
-    names = list(stage.data)
-    if stage.replay is not None and stage.replay.fraction > 0 and stage.replay.source not in names:
-        names.append(stage.replay.source)
-    return names
+def _mixture(stage: Stage) -> str:
+    """What the stage's batches are made of: each corpus's share of the sequences (data weights rescaled
+    to sum to 1 over the new data, replay taken first)."""
+    replay = stage.replay.fraction if stage.replay is not None else 0.0
+    total = sum(stage.data.values())
+    parts = [f"{name} {100 * (1 - replay) * w / total:.4g}%" for name, w in stage.data.items()]
+    if replay > 0:
+        parts.append(f"{stage.replay.source} {100 * replay:.4g}% (replay)")
+    note = f" (data weights sum to {total:g}: rescaled)" if abs(total - 1) > 1e-9 else ""
+    return "sequences from " + ", ".join(parts) + note
+
+
+def _both_cpu(a: str, b: str) -> bool:
+    """Whether devices ``a`` and ``b`` are both this machine's CPU."""
+    try:
+        return runtime.pick_device(a).type == runtime.pick_device(b).type == "cpu"
+    except RuntimeError:  # a device this machine lacks
+        return False
 
 
 def _add_counts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:

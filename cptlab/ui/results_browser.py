@@ -21,7 +21,8 @@ from cptlab.analysis import metrics as M
 from cptlab.analysis.runs import eval_frame
 from cptlab.config import RunConfig, RunRef
 from cptlab.study import paper
-from cptlab.training.store import RunDir, RunStore
+from cptlab.training.rundir import RunDir, RunDirError
+from cptlab.training.store import RunStore
 from cptlab.ui import common
 
 ANY = "any"
@@ -53,6 +54,7 @@ class ResultsBrowser:
         self.table = W.HTML()
         self.figure = Figure(figsize=(12.0, 3.8))
         self.frame = pd.DataFrame()  # every stored run's evaluation lines, one row each
+        self.unreadable: list[str] = []  # runs left out, each with why (a metrics line that is not JSON)
         self.finals = pd.DataFrame()  # the table: one row per selected run and reference
         self._busy = False
 
@@ -76,9 +78,13 @@ class ResultsBrowser:
     def refresh(self, experiment: str | None = None, shift: str | None = None,
                 select: Sequence[str] | None = None) -> None:
         """Scan the run store and rebuild the choices (keeping the current ones where they still exist)."""
-        frames = []
+        frames, self.unreadable = [], []
         for run in self.store.runs():
-            df = eval_frame(run)
+            try:
+                df = eval_frame(run)
+            except RunDirError as exc:
+                self.unreadable.append(str(exc))
+                continue
             if len(df):
                 df["experiment"] = run.experiment
                 df["run_id"] = f"{run.experiment}/{run.run_id}"
@@ -225,6 +231,9 @@ class ResultsBrowser:
         self.status.value = (f"{len(self.runs.value)} of {len(self.runs.options)} runs selected; run store "
                              f"{html.escape(str(self.root))}") if len(self.frame) else \
             f"no runs in the run store {html.escape(str(self.root))} yet"
+        if self.unreadable:
+            self.status.value += common.error_html(
+                f"; {len(self.unreadable)} runs left out: " + "; ".join(self.unreadable))
 
 
 def _config(run: RunDir) -> RunConfig | None:

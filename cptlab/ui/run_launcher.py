@@ -23,7 +23,8 @@ from matplotlib.lines import Line2D
 from cptlab.study import experiments as E
 from cptlab.study import paper, runner
 from cptlab.study.scales import SCALES, get_scale
-from cptlab.training.store import RunDir, RunStore
+from cptlab.training.rundir import RunDir
+from cptlab.training.store import RunStore
 from cptlab.ui import common
 from cptlab.ui.schedule_explorer import ScheduleExplorer
 from cptlab.viz import format_tokens

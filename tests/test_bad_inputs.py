@@ -1,0 +1,316 @@
+"""Bad input and faults, as a new user meets them: `cptlab train` (and `batch`) answer each with a one-line
+error before any training step, write no checkpoint, and leave the user's files as they were; the cases
+that should simply work (0% replay, a harmless change on resume) do."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cptlab import cli
+from cptlab.analysis.runs import eval_frame, load_experiment
+from cptlab.training.rundir import RunDir, RunDirError
+
+WORDS = "the quick brown fox jumps over the lazy dog while a manual page explains options".split()
+WORDS_DE = "der schnelle braune fuchs springt ueber den faulen hund und eine seite erklaert".split()
+
+
+def _lines(words: list[str], n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(60)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("bad-input-corpora")
+    (d / "old.txt").write_text("\n".join(_lines(WORDS, 200, 0)) + "\n")
+    (d / "new.txt").write_text("\n".join(_lines(WORDS_DE, 200, 1)) + "\n")
+    (d / "tiny.txt").write_text("0123456789abcde")  # one document: 15 bytes + end-of-text = 16 tokens
+    lines = _lines(WORDS, 200, 2)
+    records = [{"id": i, "body": line} if i % 10 else {"id": i} for i, line in enumerate(lines)]
+    (d / "notes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))  # 20 of 200 lack "body"
+    good = [json.dumps({"body": line}) for line in _lines(WORDS, 50, 3)]
+    (d / "broken.jsonl").write_text("\n".join(good[:2] + ['{"body": "unterminated'] + good[2:]) + "\n")
+    (d / "binary").mkdir()
+    for i in range(3):
+        (d / "binary" / f"blob{i}.txt").write_bytes(random.Random(i).randbytes(4096))
+    (d / "blob.jsonl").write_bytes(random.Random(9).randbytes(4096))
+    return d
+
+
+def config(corpora: Path, **extra_corpora) -> dict:
+    """Two stages of 8 steps on a byte tokenizer: old, then new with 25% replay of old."""
+    schedule = {"kind": "cosine", "max_lr": 3e-3, "min_lr": 3e-4, "warmup": 0.1}
+    return {
+        "model": {"preset": "smoke"}, "tokenizer": {"kind": "byte"},
+        "train": {"seq_len": 32, "batch_size": 8, "device": "cpu", "precision": "fp32", "threads": 1,
+                  "log_every_steps": 2, "checkpoint_every_tokens": 1024},
+        "eval": {"sets": ["old", "new"], "every_tokens": 1024, "tokens": 512},
+        "corpora": {"old": {"path": str(corpora / "old.txt"), "sample_by": "line"},
+                    "new": {"path": str(corpora / "new.txt"), "sample_by": "line"}, **extra_corpora},
+        "stages": [{"name": "pretrain", "data": {"old": 1.0}, "tokens": 2048, "schedule": schedule},
+                   {"name": "continue", "data": {"new": 1.0}, "tokens": 2048, "schedule": schedule,
+                    "replay": {"source": "old", "fraction": 0.25}}],
+    }
+
+
+def write(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def train_cli(capsys, *argv: str) -> tuple[int, str]:
+    """``cptlab train ...`` in this process: (exit code, what it printed on stderr)."""
+    capsys.readouterr()
+    code = cli.main(["train", *map(str, argv), "--quiet"])
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def finished(corpora, tmp_path_factory) -> Path:
+    """A finished run of the two-stage config."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert cli.main(["train", str(write(out.parent / "run.yaml", config(corpora))), "--out", str(out),
+                     "--quiet"]) == 0
+    return out
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "copy" / run.name
+    shutil.copytree(run, out)
+    return out
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+            and not p.name.startswith(".")}
+
+
+# -- the table: set-up -> (exit code, words of the one-line message) ----------------------------------------
+
+def _set(*overrides):
+    """A fresh run of the config with ``--set`` overrides."""
+    def setup(corpora, tmp_path, finished):
+        args = [write(tmp_path / "run.yaml", config(corpora)), "--out", tmp_path / "out"]
+        return args + [a for o in overrides for a in ("--set", o)]
+    return setup
+
+
+def _corpus(name, spec, stage=1):
+    """A fresh run whose stage ``stage`` reads the extra corpus ``name`` (a spec under the corpora dir)."""
+    def setup(corpora, tmp_path, finished):
+        full = {k: (str(corpora / v) if k == "path" else v) for k, v in spec.items()}
+        cfg = config(corpora, **{name: full})
+        cfg["stages"][stage]["data"] = {name: 1.0}
+        return [write(tmp_path / "run.yaml", cfg), "--out", tmp_path / "out"]
+    return setup
+
+
+def _raw_config(content: bytes | None):
+    def setup(corpora, tmp_path, finished):
+        path = tmp_path / "cfg"
+        if content is None:
+            path.mkdir()
+        else:
+            path.write_bytes(content)
+        return [path, "--out", tmp_path / "out"]
+    return setup
+
+
+def _out(make):
+    """A fresh run into an ``--out`` that ``make(tmp_path)`` prepares."""
+    def setup(corpora, tmp_path, finished):
+        return [write(tmp_path / "run.yaml", config(corpora)), "--out", make(tmp_path)]
+    return setup
+
+
+def _finished_run(change, *overrides):
+    """The finished run, copied and changed by ``change(out)``, trained again with ``--set`` overrides."""
+    def setup(corpora, tmp_path, finished):
+        out = copy_of(finished, tmp_path)
+        change(out)
+        args = [write(tmp_path / "run.yaml", config(corpora)), "--out", out]
+        return args + [a for o in overrides for a in ("--set", o)]
+    return setup
+
+
+def _user_folder(tmp):
+    (tmp / "mine").mkdir()
+    (tmp / "mine" / "metrics.jsonl").write_text("my own numbers\n")
+    return tmp / "mine"
+
+
+def _a_file(tmp):
+    (tmp / "file").write_text("not a folder")
+    return tmp / "file"
+
+
+CASES = [
+    ("model shape", _set("model.n_head=3"), 2, "model.d_model (32) must be divisible by model.n_head (3)"),
+    ("unknown corpus", _set("stages.1.data={nope: 1.0}"), 2,
+     "stages[1] (continue).data: unknown corpus 'nope'"),
+    ("stage-2 init_from missing", _set("stages.1.init_from=/nowhere/stage-x.pt"), 2,
+     "stages[1] (continue).init_from: checkpoint /nowhere/stage-x.pt does not exist"),
+    ("stage-2 reference missing", _set("stages.1.init_from={experiment: e, run: r, stage: s}"), 2,
+     "stages[1] (continue).init_from: run e/r (stage s) has no checkpoint"),
+    ("16-token corpus only in stage 2", _corpus("tiny", {"path": "tiny.txt"}), 2,
+     "stages[1] (continue).data.tiny: corpus 'tiny' has 16 training tokens, fewer than one sequence"),
+    ("bad replay fraction", _set("stages.1.replay.fraction=1.5"), 2, "replay.fraction: must be in [0, 1)"),
+    ("config is a directory", _raw_config(None), 2, "is a directory; give a YAML file"),
+    ("config is not UTF-8", _raw_config(b"model: {preset: \xff\xfe}\n"), 2, "is not UTF-8 text"),
+    ("config is not YAML", _raw_config(b"stages: [\n"), 2, "is not valid YAML"),
+    ("--out is a file", _out(_a_file), 2, "is a file, not a run directory"),
+    ("--out cannot be made", _out(lambda tmp: _a_file(tmp) / "run"), 2, "cannot write the run directory"),
+    ("--out is the user's folder", _out(_user_folder), 2,
+     "is not a cptlab run directory (it holds metrics.jsonl and no config.json)"),
+    ("another config in --out", _finished_run(lambda out: None, "stages.1.replay.fraction=0.05"), 2,
+     "holds a run of a different config"),
+    ("config.json deleted, checkpoints kept", _finished_run(lambda out: (out / "config.json").unlink()), 2,
+     "holds checkpoints but no config.json"),
+    ("metrics.jsonl cut short", _finished_run(lambda out: os.truncate(out / "metrics.jsonl", 10)), 2,
+     "is shorter (10 bytes) than its checkpoint recorded"),
+    ("finished run without checkpoints", _finished_run(lambda out: shutil.rmtree(out / "checkpoints")), 2,
+     "is a finished run (DONE) whose checkpoints are gone; it is not trained again"),
+    ("JSONL records without the text field",
+     _corpus("notes", {"path": "notes.jsonl", "text_field": "body"}), 2, "20 of 200 records of"),
+    ("a JSONL line that is not JSON", _corpus("broken", {"path": "broken.jsonl", "text_field": "body"}), 2,
+     "broken.jsonl line 3 is not valid JSON"),
+    ("a binary JSONL file", _corpus("blob", {"path": "blob.jsonl"}), 2, "blob.jsonl is not UTF-8 text"),
+    ("a folder of binary .txt files", _corpus("bin", {"path": "binary"}), 2, "blob0.txt is not UTF-8 text"),
+    ("diverged", _set("stages.0.schedule={kind: constant, max_lr: 1000.0, min_lr: 1.0, warmup: 0.0}"), 1,
+     "diverged: loss is "),
+]
+
+
+@pytest.mark.parametrize("name, setup, code, words", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_before_any_step(name, setup, code, words, corpora, finished, tmp_path, capsys):
+    argv = setup(corpora, tmp_path, finished)
+    out = Path(argv[argv.index("--out") + 1])
+    before = snapshot(out) if out.is_dir() else None
+    got, err = train_cli(capsys, *argv)
+    assert got == code, err
+    lines = err.strip().splitlines()  # progress bars of the data layer may come first
+    message = next(i for i, line in enumerate(lines) if line.startswith("cptlab train: "))
+    assert words in err, err
+    if name != "another config in --out":  # that one lists what differs, a line each
+        assert message == len(lines) - 1, err
+    if name == "diverged":  # it trained until the loss was NaN: the checkpoint it names is really there
+        if "the last good checkpoint, " in err:
+            assert Path(err.split("the last good checkpoint, ")[1].split(", is kept")[0]).is_file(), err
+        else:
+            assert "no checkpoint had been written yet" in err and not list(out.glob("checkpoints/*.pt"))
+    elif before is None:
+        assert not list(out.glob("checkpoints/*.pt")), "a checkpoint was written"
+    else:
+        assert snapshot(out) == before, "the folder's files changed"
+
+
+def test_records_without_the_text_field_can_be_skipped(corpora, tmp_path, capsys):
+    cfg = config(corpora, notes={"path": str(corpora / "notes.jsonl"), "text_field": "body",
+                                 "missing_text": "skip"})
+    cfg["stages"][1]["data"] = {"notes": 1.0}
+    with pytest.warns(UserWarning, match=r"20 of 200 records .* have no 'body' \(lines 1, 11, 21, "):
+        code, err = train_cli(capsys, write(tmp_path / "run.yaml", cfg), "--out", tmp_path / "out")
+    assert code == 0, err
+
+
+def test_zero_percent_replay_trains_like_no_replay(corpora, tmp_path, capsys):
+    code, err = train_cli(capsys, *_set("stages.1.replay.fraction=0.0")(corpora, tmp_path, None))
+    assert code == 0, err
+    lines = RunDir(tmp_path / "out").read_metrics()
+    last = [r for r in lines if "tokens_by_source" in r][-1]
+    assert last["tokens_by_source"]["old"] == 2048 and last["tokens_by_source"]["new"] == 2048
+    assert any(r["stage"] == "continue" and "val" in r for r in lines)
+
+
+HOLDER = """
+import sys, time
+from cptlab.training.rundir import RunDir
+run = RunDir(sys.argv[1])  # kept: the lock lasts as long as the object
+run.lock()
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def hold(out: Path, seconds: float) -> subprocess.Popen:
+    """Another process that takes the run directory for ``seconds``."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(out), str(seconds)], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_trainer_is_refused_naming_the_first_or_waits(corpora, tmp_path, capsys):
+    out = tmp_path / "out"
+    first = hold(out, 60)
+    try:
+        code, err = train_cli(capsys, write(tmp_path / "run.yaml", config(corpora)), "--out", out)
+        assert code == 2 and f"is being trained by process {first.pid} on " in err, err
+        assert not (out / "config.json").exists() and not (out / "metrics.jsonl").exists()
+    finally:
+        first.kill()
+        first.wait()
+    first = hold(out, 1.0)  # ends a second from now: --wait trains once it has
+    code, err = train_cli(capsys, tmp_path / "run.yaml", "--out", out, "--wait")
+    first.wait()
+    assert code == 0 and RunDir(out).done, err
+
+
+def test_resume_accepts_settings_that_do_not_change_the_result(corpora, finished, tmp_path, capsys):
+    calls = []
+    cfg = config(corpora)
+    from cptlab.config import RunConfig
+    from cptlab.training.train import train
+
+    stopped = train(RunConfig.from_dict(cfg), tmp_path / "out", quiet=True,
+                    stop=lambda: calls.append(1) or len(calls) > 5)
+    assert stopped.status == "stopped"
+    harmless = ["train.threads=2", "train.log_every_steps=3", "train.checkpoint_every_tokens=512"]
+    if not torch.cuda.is_available():  # auto is this machine's CPU, as cpu is
+        harmless.append("train.device=auto")
+    code, err = train_cli(capsys, write(tmp_path / "run.yaml", cfg), "--out", tmp_path / "out",
+                          *[a for h in harmless for a in ("--set", h)])
+    assert code == 0, err
+    evals = lambda run: [r["val"][k] for r in RunDir(run).read_metrics() if "val" in r  # noqa: E731
+                         for k in sorted(r["val"])]
+    assert evals(tmp_path / "out") == pytest.approx(evals(finished), abs=1e-6)
+
+
+def test_the_effective_mixture_is_printed(corpora, tmp_path, capsys):
+    cfg = config(corpora)
+    cfg["stages"][0]["data"] = {"old": 3.0, "new": 1.0}
+    capsys.readouterr()
+    assert cli.main(["train", str(write(tmp_path / "run.yaml", cfg)), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "stage pretrain: sequences from old 75%, new 25% (data weights sum to 4: rescaled)" in out
+    assert "stage continue: sequences from new 75%, old 25% (replay)" in out
+
+
+def test_an_unknown_scale_fails_before_any_notebook(tmp_path, capsys):
+    assert cli.main(["batch", "--scale", "nonexistent", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "cptlab batch: config error: --scale: unknown scale 'nonexistent'; allowed: smoke" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_metrics_line_that_is_not_json_is_named(finished, tmp_path):
+    out = tmp_path / "store" / "exp" / "run"
+    shutil.copytree(finished, out)
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(lines[:3] + ["garbage\n"] + lines[3:]))
+    with pytest.raises(RunDirError, match=r"metrics\.jsonl line 4 is not a JSON record: 'garbage'"):
+        eval_frame(out)
+    with pytest.raises(RunDirError, match="line 4"):
+        load_experiment(tmp_path / "store")
+    (out / "metrics.jsonl").write_text("".join(lines) + '{"step": 9, "tok')  # a line cut by a kill
+    assert len(eval_frame(out)) == len(eval_frame(finished))
