@@ -250,6 +250,14 @@ def hold(out: Path, seconds: float) -> subprocess.Popen:
     return proc
 
 
+def test_init_from_a_checkpoint_an_earlier_stage_writes_is_accepted(corpora, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = train_cli(capsys, *_set(f"stages.1.init_from={out}/checkpoints/stage-pretrain.pt")(
+        corpora, tmp_path, None))
+    assert code == 0, err
+    assert RunDir(out).done
+
+
 def test_a_second_trainer_is_refused_naming_the_first_or_waits(corpora, tmp_path, capsys):
     out = tmp_path / "out"
     first = hold(out, 60)
