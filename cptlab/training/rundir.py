@@ -99,7 +99,7 @@ class RunDir:
         if self.path.is_dir() and not self.config_path.exists():
             if any(self.ckpt_dir.glob("*.pt")):
                 raise RunDirError(f"{self.path} holds checkpoints but no config.json; refusing to use it")
-            foreign = sorted(p.name for p in self.path.iterdir() if p.name not in BEFORE_CONFIG)
+            foreign = sorted(p.name for p in self.path.iterdir() if not _ours_before_config(p.name))
             if foreign:
                 shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
                 raise RunDirError(f"{self.path} is not a cptlab run directory (it holds {shown} and no "
@@ -261,6 +261,12 @@ class RunDir:
                 warnings.warn(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); "
                               "falling back to the previous one", stacklevel=2)
         return None
+
+
+def _ours_before_config(name: str) -> bool:
+    """A file the runner or the trainer may have put in a run directory before its config.json: the
+    runner's files, the lock, or an atomic write of ours in progress (``.<name>.<random>.tmp``)."""
+    return name in BEFORE_CONFIG or (name.startswith(".") and name.endswith(".tmp"))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

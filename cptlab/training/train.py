@@ -134,10 +134,10 @@ class Trainer:
         self.store = RunStore(runs_root if runs_root is not None else self.out_dir.absolute().parent.parent)
         self._check_and_load(cfg, cache_dir)
         self.run_dir = RunDir(self.out_dir)
-        self.run_dir.check_usable()
-        if not self.run_dir.config_path.exists():  # a new run: nothing is written before this check
-            self._starting_checkpoints(_Progress(), None)
-        if rank == 0:
+        if rank == 0:  # the other processes of a torchrun wait for rank 0 (see _claim)
+            self.run_dir.check_usable()
+            if not self.run_dir.config_path.exists():  # a new run: nothing is written before this check
+                self._starting_checkpoints(_Progress(), None)
             self.run_dir.lock(wait)
         try:
             self._claim()
