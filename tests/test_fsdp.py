@@ -41,7 +41,7 @@ from cptlab.training.train import train
 
 for hook in ("shard", "checkpoint_blocks"):  # say which strategy pieces ran
     def traced(model, _name=hook, _fn=getattr(distributed, hook)):
-        print("RAN", _name)
+        sys.stdout.write(f"RAN {_name}\\n")  # one write: two ranks share the pipe
         _fn(model)
     setattr(distributed, hook, traced)
 
@@ -52,7 +52,7 @@ def stop():
     calls[0] += 1
     return 0 < stop_after < calls[0]
 
-print("STATUS", train(RunConfig.load(config), out, quiet=True, stop=stop).status)
+sys.stdout.write(f"STATUS {train(RunConfig.load(config), out, quiet=True, stop=stop).status}\\n")
 """
 
 

@@ -23,6 +23,7 @@ processes (torchrun) and the checkpoint format are ``cptlab.training.distributed
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import time
 import warnings
@@ -117,8 +118,12 @@ def train(cfg: RunConfig, out_dir: str | Path, *, quiet: bool = False,
         if trainer is not None:
             trainer.close()
         # A process group left to the interpreter's exit can abort it ("terminate called without an
-        # active exception" from gloo's threads), so the group this call created ends with it.
+        # active exception" from gloo's threads), so the group this call created ends with it; the model
+        # and optimizer go first, with the collectives' work objects (FSDP's) that hold their tensors,
+        # which the interpreter would otherwise free only while it shuts down.
+        trainer = None
         if world > 1 and owns_group and dist.is_initialized():
+            gc.collect()
             dist.destroy_process_group()
 
 
