@@ -10,6 +10,7 @@ OUT ?= runs/reproduce
 export HF_DATASETS_OFFLINE := 1
 export HF_HUB_OFFLINE := 1
 export HF_UPDATE_DOWNLOAD_COUNTS := 0
+export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
 .PHONY: install test lint reproduce lab bench clean

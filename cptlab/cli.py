@@ -1,4 +1,4 @@
-"""Command line: ``cptlab train | batch | report | corpora`` (also ``python -m cptlab ...``)."""
+"""Command line: ``cptlab train | batch | report | corpora | eval | export`` (or ``python -m cptlab``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 # Offline by default: local data never needs the hub. Users with a network and a hub corpus set
 # HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0.
-for _var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+for _var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
 
@@ -40,6 +40,29 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
     params = {name: value for name, value in (args.param or [])}
     return run_batch(args.notebooks, scale=args.scale, device=args.device, out=args.out, params=params)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from cptlab.interop.evaluate import evaluate_run
+
+    result = evaluate_run(args.run, text=args.text, corpus=args.corpus, stage=args.stage,
+                          precision=args.precision)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['source']}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} over "
+              f"{result['tokens']:,} tokens ({result['sequences']} sequences), stage {result['stage']}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from cptlab.interop.export import export_run
+
+    out = export_run(args.run, args.out, stage=args.stage, check=not args.no_check)
+    print(f"exported {args.run} to {out} (transformers GPTNeoXForCausalLM, tokenizer, README.md)")
+    return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -80,6 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="extra notebook parameter")
     p.set_defaults(func=_cmd_batch)
+
+    p = sub.add_parser("eval", help="a run's loss on a text file or a corpus's validation split")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--text", help="a UTF-8 text file, read as one document")
+    p.add_argument("--corpus", help="a corpus whose validation split to read (as the trainer evaluates)")
+    p.add_argument("--stage", help="the stage whose end checkpoint to use (default: the last)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="default: the run's")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of a sentence")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("export", help="a run's model as a Hugging Face transformers folder")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", required=True, help="a new or empty folder")
+    p.add_argument("--stage", help="the stage whose end checkpoint to export (default: the last)")
+    p.add_argument("--no-check", action="store_true", help="skip comparing the two models' logits")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("report", help="judge the paper's findings on a scale's runs; write DIR/REPORT.md")
     p.add_argument("dir", help="output directory (the batch's --out); figures are linked from under it")

@@ -37,6 +37,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "paper-405m": dict(n_layer=24, n_head=16, d_model=1024, n_ctx=2048, vocab_size=50304),
 }
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+LOGGERS = ("tensorboard", "wandb")
 
 
 @dataclass
@@ -113,6 +114,7 @@ class TrainConfig:
     checkpoint_every_tokens: int = 0  # rolling checkpoint; 0: only at stage ends
     log_every_steps: int = 10
     threads: int = 0  # torch intra-op threads; 0: leave torch's default
+    loggers: list[str] = field(default_factory=list)  # mirrors of metrics.jsonl: tensorboard, wandb
 
     def validate(self) -> None:
         for key in ("seq_len", "batch_size", "log_every_steps"):
@@ -129,6 +131,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
         _check_range("train.beta1", self.beta1, 0.0, 1.0)
         _check_range("train.beta2", self.beta2, 0.0, 1.0)
+        for i, name in enumerate(self.loggers):
+            _check_choice(f"train.loggers[{i}]", name, LOGGERS)
 
 
 @dataclass

@@ -70,6 +70,21 @@ class Tokenizer:
             return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
         return self._hf.decode(ids, skip_special_tokens=True)
 
+    def to_tokenizers(self):
+        """This tokenizer as a Hugging Face ``tokenizers.Tokenizer`` that gives the same ids (for export).
+        The byte tokenizer becomes a byte-level BPE without merges: byte b is id b, end-of-text 256."""
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        if self._hf is not None:
+            return HFTokenizer.from_str(self._hf.to_str())
+        vocab = {char: byte for byte, char in _byte_chars().items()}
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        hf.decoder = decoders.ByteLevel()
+        hf.add_special_tokens([EOT])
+        return hf
+
     def save(self, path: str | os.PathLike) -> None:
         """Write a ``tokenizers`` JSON file (``kind: file`` loads it back)."""
         if self._hf is None:
@@ -79,6 +94,20 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, "
                 f"fingerprint={self.fingerprint!r})")
+
+
+def _byte_chars() -> dict[int, str]:
+    """The printable character byte-level BPE stands each byte for (GPT-2's table: printable Latin-1 bytes
+    stand for themselves, the others for the code points from 256 on, in byte order)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in kept:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + extra)
+            extra += 1
+    return chars
 
 
 def load_tokenizer(cfg: TokenizerConfig, registry: Registry | None = None,

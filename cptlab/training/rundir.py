@@ -142,7 +142,7 @@ class RunDir:
         if self.config_path.exists():
             # read back through RunConfig: a field added since the run started takes its default
             changes = diff(self.load_config().to_dict(), with_references(resolved).to_dict())
-            changes = [c for c in changes if c.split(":", 1)[0] not in tolerated]
+            changes = [c for c in changes if c.split(":", 1)[0].split("[")[0] not in tolerated]
             if changes:
                 raise RunDirError(
                     f"{self.path} holds a run of a different config; refusing to overwrite it. "

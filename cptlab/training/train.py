@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from cptlab import data, schedules
 from cptlab.config import ConfigError, RunConfig, RunRef, Stage
-from cptlab.training import distributed, runtime
+from cptlab.training import distributed, loggers, runtime
 from cptlab.training.model import GPT
 from cptlab.training.rundir import RunDir, RunDirError, load_checkpoint
 from cptlab.training.store import RunStore
@@ -49,7 +49,8 @@ MAX_EPOCHS_BEFORE_WARNING = 5
 
 Record = dict[str, Any]
 # Settings a resumed run may change: they change how it is run and logged, not what it computes.
-RESUME_MAY_CHANGE = ("train.threads", "train.checkpoint_every_tokens", "train.log_every_steps")
+RESUME_MAY_CHANGE = ("train.threads", "train.checkpoint_every_tokens", "train.log_every_steps",
+                     "train.loggers")
 
 
 class TrainingDiverged(RuntimeError):
@@ -135,6 +136,7 @@ class Trainer:
                  on_record: Callable[[Record], None] | None = None, cache_dir: str | Path | None = None,
                  runs_root: str | Path | None = None, wait: bool = False):
         self.rank, self.world, self.quiet, self.stop, self.on_record = rank, world, quiet, stop, on_record
+        self.loggers: list[Any] = []  # tensorboard / wandb mirrors of metrics.jsonl (rank 0)
         self.out_dir = Path(out_dir)
         self.store = RunStore(runs_root if runs_root is not None else self.out_dir.absolute().parent.parent)
         self._check_and_load(cfg, cache_dir)
@@ -149,12 +151,18 @@ class Trainer:
             self._build_model()
             self._resume()
             self.start_from = self._starting_checkpoints(self.progress, self.sampler_state)
+            if rank == 0:
+                self.loggers = loggers.make_loggers(self.t.loggers, self.out_dir, self.cfg.to_dict(),
+                                                    self.progress.tokens)
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
-        """Close metrics.jsonl and let go of the run directory (also after an error)."""
+        """Close metrics.jsonl and the loggers, and let go of the run directory (also after an error)."""
+        for logger in self.loggers:
+            logger.close()
+        self.loggers = []
         self.run_dir.close()
         self.run_dir.unlock()
 
@@ -172,6 +180,7 @@ class Trainer:
         if self.share % self.micro:
             raise ConfigError(f"train.micro_batch_size ({self.micro}) must divide the per-process batch "
                               f"({self.share})")
+        loggers.check_installed(t.loggers)
         runtime.set_threads(t.threads)
         runtime.tune_malloc()  # glibc keeps freed memory: far fewer page faults per step (see runtime)
         tokenizer = data.load_tokenizer(cfg.tokenizer, registry, cache_dir=cache_dir)
@@ -466,6 +475,8 @@ class Trainer:
     def log(self, record: Record) -> None:
         if self.rank == 0:
             self.run_dir.log(record)
+            for logger in self.loggers:
+                logger.log(record)
         if self.on_record is not None:
             self.on_record(record)
 
