@@ -5,7 +5,8 @@ metrics.jsonl stays the source of truth; a logger sees each of its records as it
 - ``tensorboard``: event files in ``DIR/tensorboard/`` through ``torch.utils.tensorboard`` (the
   ``tensorboard`` package): the LR, the training loss, tokens per second, tokens by source and every eval
   set's loss, against tokens seen. A resumed run first drops what the crash left after its checkpoint.
-  ``tensorboard --logdir runs`` shows a run store, each run named ``<experiment>/<name>-<hash>``.
+  ``tensorboard --logdir runs`` shows a run store, each run named
+  ``<experiment>/<name>-<hash>/tensorboard``.
 - ``wandb``: Weights & Biases, offline (files in ``DIR/wandb/``) unless the user has set it up
   (``WANDB_MODE`` or ``WANDB_API_KEY``); the run is named after the run directory and grouped by
   experiment, so a replay sweep is one group; a resumed run continues the same W&B run.
