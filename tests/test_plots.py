@@ -1,6 +1,7 @@
 """The figures drawn from runs: exactly the given losses, against tokens, with the switches marked.
 
-The frames are made up here with the columns ``store.load_runs`` gives (no run directory is read).
+The frames are made up here with the columns ``cptlab.analysis.runs.load_runs`` gives (no run directory is
+read).
 """
 
 import numpy as np
