@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -36,7 +37,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(n_layer=8, n_head=8, d_model=512, n_ctx=1024),
     "paper-405m": dict(n_layer=24, n_head=16, d_model=1024, n_ctx=2048, vocab_size=50304),
 }
-DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # or cuda:N
 LOGGERS = ("tensorboard", "wandb")
 
 
@@ -124,8 +125,9 @@ class TrainConfig:
             raise ConfigError(f"train.micro_batch_size: must be >= 1 or null, got {self.micro_batch_size}")
         _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("train.strategy", self.strategy, ("ddp", "fsdp"))
-        if not (self.device in DEVICES or self.device.startswith("cuda:")):
-            raise ConfigError(f"train.device: {self.device!r} not allowed; allowed: {', '.join(DEVICES)}")
+        if not (self.device in DEVICES or re.fullmatch(r"cuda:\d+", self.device)):
+            raise ConfigError(f"train.device: {self.device!r} not allowed; allowed: {', '.join(DEVICES)}, "
+                              "cuda:N")
         for key in ("weight_decay", "eps", "grad_clip", "checkpoint_every_tokens", "threads"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}: must be >= 0, got {getattr(self, key)}")

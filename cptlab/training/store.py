@@ -87,11 +87,10 @@ class RunStore:
             raw = RunConfig.from_dict(json.loads(run.config_path.read_text()))
         except (OSError, ValueError):
             return
-        if with_references(raw) == raw:
+        cfg = with_references(raw)
+        if cfg == raw:
             return  # no checkpoint path to read as a reference: named by its own config's hash
-        cfg = run.load_config()
         # config.json has the tokenizer's vocab size filled in; the run's builder may have left it unset
         unset = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=None))
-        name = run.path.name.rsplit("-", 1)[0]
         for variant in (cfg, unset):
-            self._legacy_dirs[(run.path.parent.name, run_id(name, variant))] = run.path
+            self._legacy_dirs[(run.experiment, run_id(run.name, variant))] = run.path
