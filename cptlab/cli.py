@@ -1,4 +1,5 @@
-"""Command line: ``cptlab train | batch | report | corpora | eval | export`` (or ``python -m cptlab``)."""
+"""Command line: ``cptlab train | batch | report | corpora | eval | export | merge`` (or
+``python -m cptlab``)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from cptlab.interop.merge import merge_runs, parse_weights
+
+    stage = args.stage.split(",") if args.stage and "," in args.stage else args.stage
+    result = merge_runs(args.runs, parse_weights(args.weights), args.out, stage=stage)
+    weights = ", ".join(f"{w:g}" for w in result["weights"])
+    done = "already there, not redone" if result["reused"] else "written"
+    print(f"merged {len(args.runs)} runs (weights {weights}) into {result['out']} ({done}); "
+          f"{result['tokens']:,} training tokens behind it, 0 trained by the merge")
+    vals = "  ".join(f"{k} {v:.4f}" for k, v in result["val"].items())
+    print(f"val {vals}" if vals else "no eval sets: nothing evaluated")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from cptlab.analysis.report import write_report
 
@@ -104,6 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra notebook parameter")
     p.set_defaults(func=_cmd_batch)
 
+    _add_model_commands(sub)
+
+    p = sub.add_parser("report", help="judge the paper's findings on a scale's runs; write DIR/REPORT.md")
+    p.add_argument("dir", help="output directory (the batch's --out); figures are linked from under it")
+    p.add_argument("--scale", default="tiny")
+    p.add_argument("--runs", default=None, help="run store root (default: $CPTLAB_RUNS or ./runs)")
+    p.add_argument("--device", default="auto", help="device the runs were built for (part of their config)")
+    p.set_defaults(func=_cmd_report)
+    return parser
+
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    """``cptlab eval | export | merge``: a run's model elsewhere, and runs' models averaged."""
     p = sub.add_parser("eval", help="a run's loss on a text file or a corpus's validation split")
     p.add_argument("run", help="run directory")
     p.add_argument("--text", help="a UTF-8 text file, read as one document")
@@ -120,13 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="skip comparing the two models' logits")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("report", help="judge the paper's findings on a scale's runs; write DIR/REPORT.md")
-    p.add_argument("dir", help="output directory (the batch's --out); figures are linked from under it")
-    p.add_argument("--scale", default="tiny")
-    p.add_argument("--runs", default=None, help="run store root (default: $CPTLAB_RUNS or ./runs)")
-    p.add_argument("--device", default="auto", help="device the runs were built for (part of their config)")
-    p.set_defaults(func=_cmd_report)
-    return parser
+    p = sub.add_parser("merge", help="the weighted average of runs' checkpoints, as a run directory")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (one model shape and tokenizer)")
+    p.add_argument("--weights", required=True, metavar="W1,W2,...",
+                   help="one weight >= 0 per run, summing to 1, e.g. 0.5,0.5")
+    p.add_argument("--out", required=True, help="a new or empty folder (or this same merge: reused)")
+    p.add_argument("--stage", metavar="NAME[,NAME...]",
+                   help="the stage whose end checkpoint to use: one for every run, or one per run "
+                        "(default: each run's last)")
+    p.set_defaults(func=_cmd_merge)
 
 
 def _expected(exc: Exception) -> tuple[str, int] | None:

@@ -152,15 +152,66 @@ class EvalConfig:
 
 @dataclass
 class ReplayConfig:
-    source: str = ""
+    """Compute-equivalent replay: ``fraction`` of the stage's sequences come from ``source``, a corpus or a
+    mapping corpus -> weight (replay from several earlier datasets, split by weight)."""
+
+    source: str | dict[str, float] = ""
     fraction: float = 0.0
     order: str = "original"  # original | shuffled
 
+    def weights(self) -> dict[str, float]:
+        """The replayed corpora and their weights (one corpus: weight 1)."""
+        return dict(self.source) if isinstance(self.source, dict) else {self.source: 1.0}
+
     def validate(self, where: str, known: set[str] | None = None) -> None:
-        _check_corpus(f"{where}.source", self.source, known)
+        if isinstance(self.source, dict):
+            if not self.source:
+                raise ConfigError(f"{where}.source: an empty mapping; give a corpus or corpus -> weight")
+            for name, weight in self.source.items():
+                _check_corpus(f"{where}.source", name, known)
+                if not weight > 0:
+                    raise ConfigError(f"{where}.source.{name}: weight must be > 0, got {weight}")
+        else:
+            _check_corpus(f"{where}.source", self.source, known)
         if not 0.0 <= self.fraction < 1.0:
             raise ConfigError(f"{where}.fraction: must be in [0, 1), got {self.fraction}")
         _check_choice(f"{where}.order", self.order, ("original", "shuffled"))
+
+
+REGULARIZERS = ("ewc", "lwf")
+
+
+@dataclass
+class RegularizerConfig:
+    """A continual-learning baseline that protects what the model knew at the start of the stage.
+
+    - ``ewc`` (Kirkpatrick et al. 2017): ``weight / 2 * sum_i F_i (theta_i - theta*_i)^2`` added to the loss,
+      with ``theta*`` the stage's starting weights and ``F`` the diagonal empirical Fisher estimated on
+      them over ``fisher_batches`` batches of ``data`` (default: every corpus the earlier stages of the
+      config read; required on a first stage, whose earlier data this config does not know).
+    - ``lwf`` (Li & Hoiem 2017): ``weight * temperature^2 * KL(teacher || student)`` on the stage's own
+      batches, the teacher being the frozen model of the stage's start, both softened by ``temperature``.
+    """
+
+    kind: str = "ewc"
+    weight: float = 1.0
+    temperature: float = 2.0  # lwf
+    fisher_batches: int = 8  # ewc
+    data: dict[str, float] = field(default_factory=dict)  # ewc: corpus -> weight to estimate F on
+
+    def validate(self, where: str, known: set[str] | None = None) -> None:
+        _check_choice(f"{where}.kind", self.kind, REGULARIZERS, "regularizer")
+        if not (self.weight > 0 and self.weight < float("inf")):
+            raise ConfigError(f"{where}.weight: must be > 0 (leave the regularizer out for none), "
+                              f"got {self.weight}")
+        if not self.temperature > 0:
+            raise ConfigError(f"{where}.temperature: must be > 0, got {self.temperature}")
+        if self.fisher_batches < 1:
+            raise ConfigError(f"{where}.fisher_batches: must be >= 1, got {self.fisher_batches}")
+        for name, weight in self.data.items():
+            _check_corpus(f"{where}.data", name, known)
+            if not weight > 0:
+                raise ConfigError(f"{where}.data.{name}: weight must be > 0, got {weight}")
 
 
 @dataclass
@@ -196,13 +247,14 @@ class Stage:
     replay: ReplayConfig | None = None
     reset_optimizer: bool = True
     init_from: str | RunRef = "previous"  # previous | scratch | a checkpoint path | a run of the store
+    regularizer: RegularizerConfig | None = None  # ewc | lwf, against the stage's starting model
 
     def sources(self) -> list[str]:
-        """The corpora the stage reads: its data, then its replay source (at 0% too: the sampler keeps a
-        replay stream that supplies no sequence, so a 0% run counts 0 tokens from it)."""
+        """The corpora the stage reads: its data, then its replay sources (at 0% too: the sampler keeps
+        replay streams that supply no sequence, so a 0% run counts 0 tokens from them)."""
         names = list(self.data)
-        if self.replay is not None and self.replay.source not in names:
-            names.append(self.replay.source)
+        if self.replay is not None:
+            names += [n for n in self.replay.weights() if n not in names]
         return names
 
     def validate(self, where: str, known: set[str] | None, batch_tokens: int) -> None:
@@ -220,9 +272,11 @@ class Stage:
                               f"(train.batch_size x train.seq_len = {batch_tokens})")
         if self.replay is not None:
             self.replay.validate(f"{where}.replay", known)
-            if set(self.data) == {self.replay.source}:
+            if set(self.data) == set(self.replay.weights()):
                 raise ConfigError(f"{where}.replay.source: {self.replay.source!r} is also the only new "
                                   "corpus; replay must come from another corpus")
+        if self.regularizer is not None:
+            self.regularizer.validate(f"{where}.regularizer", known)
         if isinstance(self.init_from, RunRef):
             self.init_from.validate(f"{where}.init_from")
         elif not (self.init_from in ("previous", "scratch") or self.init_from.endswith((".pt", ".pth"))):
@@ -326,6 +380,55 @@ class RunConfig:
             raise ConfigError(f"stages: stage names must be unique, got {names}")
         for i, st in enumerate(self.stages):
             st.validate(f"stages[{i}] ({st.name})", known, t.batch_size * t.seq_len)
+        self._validate_sequence()
+
+    def _validate_sequence(self) -> None:
+        """What a stage may take from the stages before it: replay only of corpora read earlier, and a
+        regularizer only where there is an earlier model (and, for EWC, earlier data) to protect."""
+        seen: set[str] = set()  # corpora the earlier stages read, since the model last started fresh
+        complete = True  # False once the chain started from a model whose data this config does not know
+        for i, st in enumerate(self.stages):
+            where = f"stages[{i}] ({st.name})"
+            fresh = st.init_from == "scratch" or (i == 0 and st.init_from == "previous")
+            if fresh or st.init_from != "previous":
+                seen, complete = set(), fresh
+            if st.replay is not None and complete and i > 0:
+                for name in st.replay.weights():
+                    if name not in seen:
+                        raise ConfigError(f"{where}.replay.source: {name!r} was not read before this stage "
+                                          f"(read before it: {', '.join(sorted(seen)) or 'nothing'})")
+            reg = st.regularizer
+            if reg is not None:
+                if fresh:
+                    raise ConfigError(f"{where}.regularizer: the stage starts from scratch, so there is no "
+                                      "earlier model to protect; put it on a later stage")
+                if reg.kind == "ewc" and not reg.data and not seen:
+                    raise ConfigError(f"{where}.regularizer.data: required: no earlier stage of this config "
+                                      "read data to estimate the Fisher on; name the corpora to protect")
+                if self.train.strategy == "fsdp":
+                    raise ConfigError(f"{where}.regularizer: not supported with train.strategy fsdp; use ddp")
+            seen |= set(st.sources())
+
+    def fisher_data(self, index: int) -> dict[str, float]:
+        """The corpora (and weights) EWC estimates stage ``index``'s Fisher on: its ``regularizer.data``,
+        else every corpus the earlier stages read since the model last started, weighted equally."""
+        reg = self.stages[index].regularizer
+        if reg is not None and reg.data:
+            return dict(reg.data)
+        names: list[str] = []
+        for st in self.stages[:index]:
+            if st.init_from != "previous":
+                names = []
+            names += [n for n in st.sources() if n not in names]
+        return {name: 1.0 for name in names}
+
+    def eval_sets(self) -> list[str]:
+        """The corpora evaluated: ``eval.sets``, then every other corpus a stage reads (data or replay),
+        so that every dataset of a sequence is evaluated at every stage end."""
+        names = list(dict.fromkeys(self.eval.sets))
+        for st in self.stages:
+            names += [n for n in st.sources() if n not in names]
+        return names
 
     def hash(self) -> str:
         """Short content hash of the resolved config (what makes two runs the same run). Values equal to
@@ -395,6 +498,9 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         classes = [a for a in inner if dataclasses.is_dataclass(a)]
         if classes and isinstance(value, (dict, *classes)):  # a mapping where a section may stand
             return _coerce(classes[0], value, path)
+        mappings = [a for a in inner if typing.get_origin(a) is dict]
+        if mappings and isinstance(value, dict):  # a name or a mapping of names (replay.source)
+            return _coerce(mappings[0], value, path)
         return _coerce(inner[0], value, path)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path)

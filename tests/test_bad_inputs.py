@@ -165,6 +165,16 @@ CASES = [
     ("16-token corpus only in stage 2", _corpus("tiny", {"path": "tiny.txt"}), 2,
      "stages[1] (continue).data.tiny: corpus 'tiny' has 16 training tokens, fewer than one sequence"),
     ("bad replay fraction", _set("stages.1.replay.fraction=1.5"), 2, "replay.fraction: must be in [0, 1)"),
+    ("replay of the stage's own corpus only", _set("stages.1.replay.source={new: 1.0}"), 2,
+     "replay.source: {'new': 1.0} is also the only new corpus"),
+    ("a regularizer on a first stage", _set("stages.0.regularizer={kind: ewc, weight: 1.0}"), 2,
+     "stages[0] (pretrain).regularizer: the stage starts from scratch, so there is no earlier model"),
+    ("an unknown regularizer", _set("stages.1.regularizer={kind: si, weight: 1.0}"), 2,
+     "stages[1] (continue).regularizer.kind: unknown regularizer 'si'; allowed: ewc, lwf"),
+    ("a negative regularizer weight", _set("stages.1.regularizer={kind: lwf, weight: -1.0}"), 2,
+     "stages[1] (continue).regularizer.weight: must be > 0"),
+    ("replay after a fresh start", _set("stages.1.init_from=scratch"), 2,
+     "stages[1] (continue).replay.source: 'old' was not read before this stage (read before it: nothing)"),
     ("config is a directory", _raw_config(None), 2, "is a directory; give a YAML file"),
     ("config is not UTF-8", _raw_config(b"model: {preset: \xff\xfe}\n"), 2, "is not UTF-8 text"),
     ("config is not YAML", _raw_config(b"stages: [\n"), 2, "is not valid YAML"),
@@ -322,3 +332,68 @@ def test_a_metrics_line_that_is_not_json_is_named(finished, tmp_path):
         load_experiment(tmp_path / "store")
     (out / "metrics.jsonl").write_text("".join(lines) + '{"step": 9, "tok')  # a line cut by a kill
     assert len(eval_frame(out)) == len(eval_frame(finished))
+
+
+# -- cptlab merge: runs that cannot be merged, weights that are not weights ----------------------------------
+
+def _merge(*argv, change=None):
+    """``cptlab merge`` of the finished run's two stage ends (the second run a copy changed by ``change``)."""
+    def setup(corpora, tmp_path, finished):
+        other = finished
+        if change is not None:
+            other = copy_of(finished, tmp_path)
+            cfg = json.loads((other / "config.json").read_text())
+            change(cfg)
+            (other / "config.json").write_text(json.dumps(cfg))
+        args = [finished, other, "--stage", "pretrain,continue", "--weights", "0.5,0.5"]
+        return [*args, "--out", tmp_path / "m", *argv]  # a later --weights / --stage wins
+    return setup
+
+
+def _merge_into(make):
+    """``cptlab merge`` into an ``--out`` that ``make(tmp_path, finished)`` prepares."""
+    def setup(corpora, tmp_path, finished):
+        return [finished, finished, "--weights", "0.5,0.5", "--out", make(tmp_path, finished)]
+    return setup
+
+
+MERGE_CASES = [
+    ("another model shape", _merge(change=lambda cfg: cfg["model"].update(n_layer=3)),
+     "model.n_layer: the runs differ (2 in "),
+    ("another tokenizer", _merge(change=lambda cfg: cfg["tokenizer"].update(kind="bpe")),
+     "tokenizer.kind: the runs differ ('byte' in "),
+    ("a weight too few", _merge("--weights", "1"), "--weights: 1 weight(s) for 2 run(s); give one per run"),
+    ("a negative weight", _merge("--weights", "1.5,-0.5"),
+     "--weights: -0.5 is negative; weights must be >= 0"),
+    ("a weight that is not a number", _merge("--weights", "0.5,half"), "--weights: 'half' is not a number"),
+    ("weights that do not sum to 1", _merge("--weights", "1,3"),
+     "--weights: must sum to 1, got 4 (in these proportions: 0.25,0.75)"),
+    ("an unknown stage", _merge("--stage", "nope"), "--stage: 'nope' is not a stage of"),
+    ("a stage too many", _merge("--stage", "pretrain,continue,x"), "--stage: 3 stage(s) for 2 run(s)"),
+    ("a folder that is not a run", lambda corpora, tmp_path, finished: [
+        tmp_path, finished, "--weights", "0.5,0.5", "--out", tmp_path / "m"], "is not a run directory"),
+    ("--out is the user's folder", _merge_into(lambda tmp, finished: _user_folder(tmp)),
+     "is not a cptlab run directory (it holds metrics.jsonl and no config.json)"),
+    ("--out is a trained run", _merge_into(lambda tmp, finished: copy_of(finished, tmp)),
+     "holds a run that is not a merge; refusing to overwrite it"),
+]
+
+
+@pytest.mark.parametrize("name, setup, words", MERGE_CASES, ids=[c[0] for c in MERGE_CASES])
+def test_a_merge_that_cannot_be_is_one_line_before_any_work(name, setup, words, corpora, finished, tmp_path,
+                                                             capsys):
+    argv = setup(corpora, tmp_path, finished)
+    out = Path(argv[argv.index("--out") + 1])
+    before = snapshot(out) if out.is_dir() else None
+    capsys.readouterr()
+    assert cli.main(["merge", *map(str, argv)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cptlab merge: ") and words in lines[0], lines
+    assert (snapshot(out) == before) if before is not None else not out.exists()
+
+
+def test_merging_the_ends_of_two_stages_of_one_run_counts_its_tokens_once(finished, tmp_path, capsys):
+    assert cli.main(["merge", str(finished), str(finished), "--stage", "pretrain,continue", "--weights",
+                     "0.5,0.5", "--out", str(tmp_path / "m")]) == 0
+    assert "4,096 training tokens behind it, 0 trained by the merge" in capsys.readouterr().out
+    assert RunDir(tmp_path / "m").read_metrics()[0]["tokens"] == RunDir(finished).read_metrics()[-1]["tokens"]

@@ -20,8 +20,9 @@ import pandas as pd
 from cptlab.analysis import findings as F
 from cptlab.analysis import metrics as M
 from cptlab.analysis import results as T
+from cptlab.analysis import sequences as S
 from cptlab.files import atomic_write_text
-from cptlab.study import paper
+from cptlab.study import paper, sequences
 from cptlab.training.rundir import RunDir
 from cptlab.training.store import RunStore
 
@@ -106,6 +107,10 @@ def render_report(res: T.Results, out_dir: str | Path, scale: str = "", root: st
               "over seeds where several ran; unfinished runs are ignored; a rule missing a run says "
               "\"not run\".", ""]
     lines += [f"{i}. **{f.claim}**: {f.rule}." for i, (f, _) in enumerate(verdicts, 1)]
+    lines += ["", "## Beyond the paper", "",
+              "Questions the paper does not ask, answered by measurement on this scale's runs; they are not "
+              "part of its findings above.", ""]
+    lines += _sequence_section(res, figures, out_dir)
     lines += _figures_section(figures, out_dir)
     return "\n".join(lines) + "\n"
 
@@ -143,6 +148,31 @@ def _tables_section(res: T.Results) -> list[str]:
         lines += [f"### Scale study, {shift} shift (forgetting = D0 rise over the same size's base model)",
                   "", md_table(table) if len(table) else "not run", ""]
     return lines
+
+
+def _sequence_section(res: T.Results, figures: list[Path], out_dir: Path) -> list[str]:
+    """The sequence study: its questions answered, the summary table, the forgetting matrices, figures."""
+    datasets = list(sequences.SEQUENCE)
+    lines = [f"### Sequences of datasets ({' -> '.join(datasets)})", ""]
+    rows = res.sequence
+    if not len(rows):
+        return lines + ["not run", ""]
+    table = S.summary_table(rows, datasets)
+    lines += ["| # | Question | Measured | Answer |", "|---|---|---|---|"]
+    for question, answer, measured in S.answer_all(table):
+        shown = {True: F.YES, False: F.NO, None: F.NOT_RUN}[answer]
+        lines.append(f"| {question.number} | {question.text} | {measured} | **{shown}** |")
+    lines += ["", "Forgetting = final loss minus the loss right after the dataset was learned; BWT and FWT "
+              "as Lopez-Paz & Ranzato (2017) with loss for accuracy (negative BWT: forgetting; FWT against "
+              "ln V); FLOPs include EWC's Fisher passes and LwF's teacher forwards.", "",
+              md_table(table), ""]
+    for variant in table.index:
+        matrix = S.forgetting_matrix(rows, variant, datasets)
+        lines += [f"Forgetting matrix, {variant} (rows: after each dataset; columns: loss on each):", "",
+                  md_table(matrix), ""]
+    mine = [p for p in figures if p.relative_to(out_dir).parts[0].startswith("08_sequences")]
+    lines += [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in mine]
+    return lines + [""]
 
 
 def _figures_section(figures: list[Path], out_dir: Path) -> list[str]:

@@ -19,15 +19,16 @@ import pandas as pd
 
 from cptlab.analysis import metrics as M
 from cptlab.analysis.runs import load_runs
+from cptlab.analysis.sequences import sequence_rows
 from cptlab.study import experiments as E
-from cptlab.study import paper
+from cptlab.study import paper, sequences
 from cptlab.study.scales import Scale, get_scale
 from cptlab.training.model import GPT
 from cptlab.training.rundir import RunDir
 from cptlab.training.store import RunStore
 
 MAX_SEEDS = 10  # seeds 0..9 of the base model and replay sweep are picked up where their base model ran
-EXPERIMENTS = ("base", "replay", "warmup", "max_lr", "d0_rewarm", "infinite", "compute", "scales")
+EXPERIMENTS = ("base", "replay", "warmup", "max_lr", "d0_rewarm", "infinite", "compute", "scales", "sequence")
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Results:
     finished: int = 0  # of the distinct runs the experiments build (for the seeds found)
     expected: int = 0
     scale: Scale | None = None  # the scale judged (the scale study checks that every rung was run)
+    sequence: pd.DataFrame = field(default_factory=pd.DataFrame)  # analysis.sequences.sequence_rows
     cache: dict[str, object] = field(default_factory=dict, repr=False)  # tables computed from the frames
 
     def frame(self, key: str) -> pd.DataFrame:
@@ -73,6 +75,7 @@ def _experiment_runs(s: Scale, device: str, seeds: tuple[int, ...]) -> dict[str,
         "infinite": E.infinite_schedules(s, device),
         "compute": [r for sh in shifts for r in E.compute_vs_loss(sh, s, device)],
         "scales": [r for sh in shifts for r in E.scale_ladder(sh, s, device)],
+        "sequence": sequences.sequence_study(s, device),
     }
 
 
@@ -85,7 +88,8 @@ def collect_results(scale: str | Scale = "tiny", root: str | Path | RunStore | N
     bases = [E.base_run(s, seed, device) for seed in range(MAX_SEEDS)]
     seeds = sorted(set(s.seeds) | {b.labels["seed"] for b in bases if store.path("base", b.run_id).exists()})
     frames, dirs = {}, {}
-    for key, runs in experiment_runs(s, device, tuple(seeds)).items():
+    groups = experiment_runs(s, device, tuple(seeds))
+    for key, runs in groups.items():
         dirs.update({store.path(r.experiment, r.run_id): r for r in runs})
         runs = [r for r in runs if store.run(r.experiment, r.run_id).metrics_path.exists()]
         df = load_runs(runs, store)
@@ -96,7 +100,7 @@ def collect_results(scale: str | Scale = "tiny", root: str | Path | RunStore | N
     cfg = (base_dir.load_config() if base_dir.config_path.exists()
            else base.config.resolve(vocab_size=base.config.tokenizer.vocab_size))
     flops = GPT.count_flops_per_token(cfg.model, cfg.train.seq_len)
-    return Results(frames, float(flops), finished, len(dirs), s)
+    return Results(frames, float(flops), finished, len(dirs), s, sequence_rows(groups["sequence"], store))
 
 
 def finals_of(res: Results, key: str) -> pd.DataFrame:

@@ -8,10 +8,11 @@ any position can be reached at once. A stage reads each new corpus in that order
 ``start``); replay with ``order: original`` reads the replay source in the same order from its start,
 as it was read in pre-training; ``order: shuffled`` uses other keys.
 
-Of the ``B`` sequences of step ``t``, the replay source supplies ``floor(f B (t+1)) - floor(f B t)``:
-exactly ``floor(f x all sequences so far)``, so the fraction is honoured over the stage whatever the
-batch size. The rest go to the new corpora by largest deficit against their weights (the remainders
-carry from batch to batch). Only counts are state, so ``state_dict`` holds plain integers.
+Of the ``B`` sequences of step ``t``, replay supplies ``floor(f B (t+1)) - floor(f B t)``: exactly
+``floor(f x all sequences so far)``, so the fraction is honoured over the stage whatever the batch size.
+The rest go to the new corpora by largest deficit against their weights (the remainders carry from batch
+to batch); replay from several corpora splits its sequences among them the same way. Only counts are
+state, so ``state_dict`` holds plain integers.
 """
 
 from __future__ import annotations
@@ -66,19 +67,15 @@ class BatchSampler:
         self.rank, self.world_size = rank, world_size
         self.num_steps = total_tokens // (batch_size * seq_len)
         self.step = 0
+        replayed = replay.weights() if replay is not None else {}
         plan = [(name, name, "original") for name in sorted(weights)]
-        if replay is not None:
-            plan.append((f"replay:{replay.source}", replay.source, replay.order))
+        plan += [(f"replay:{name}", name, replay.order) for name in sorted(replayed)]
         self.streams = [self._stream(sources, key, corpus, order, (start or {}).get(corpus, 0))
                         for key, corpus, order in plan]
         self._n_new = len(weights)
-
-        # Weights and the replay fraction as exact integers: weight_c = self._num[c] / self._den.
-        shares = [Fraction(repr(float(weights[s.corpus]))) for s in self.streams[:self._n_new]]
-        total = sum(shares)
-        shares = [s / total for s in shares]
-        self._den = math.lcm(*(s.denominator for s in shares))
-        self._num = [int(s * self._den) for s in shares]
+        # Each group's weights as exact integers: weight_c = num[c] / den.
+        self._new_num, self._new_den = _exact_shares([weights[n] for n in sorted(weights)])
+        self._replay_num, self._replay_den = _exact_shares([replayed[n] for n in sorted(replayed)])
         self._replay = Fraction(repr(float(replay.fraction))) if replay is not None else Fraction(0)
         self._keys: dict[tuple[str, str, int], np.ndarray] = {}
 
@@ -103,17 +100,10 @@ class BatchSampler:
     def _allocate(self) -> list[int]:
         """How many sequences of this step each stream supplies."""
         n_replay = self._replayed_before(self.step + 1) - self._replayed_before(self.step)
-        n_new = self.batch_size - n_replay
-        new_total = sum(s.count for s in self.streams[:self._n_new]) + n_new
-        # deficit of each new corpus against its share of all new sequences, in units of 1/self._den
-        deficit = [num * new_total - self._den * s.count for num, s in zip(self._num, self.streams)]
-        alloc = [0] * len(self.streams)
-        for _ in range(n_new):
-            c = deficit.index(max(deficit))
-            alloc[c] += 1
-            deficit[c] -= self._den
-        if n_replay:
-            alloc[-1] = n_replay
+        new, replay = self.streams[:self._n_new], self.streams[self._n_new:]
+        alloc = _split(self.batch_size - n_replay, [s.count for s in new], self._new_num, self._new_den)
+        if replay:
+            alloc += _split(n_replay, [s.count for s in replay], self._replay_num, self._replay_den)
         return alloc
 
     # -- batches ---------------------------------------------------------------------------------
@@ -193,9 +183,10 @@ class BatchSampler:
         after the last step): the stage's share of sequences per stream, from its start."""
         replayed = self._replayed_before(self.num_steps)
         new_total = self.num_steps * self.batch_size - replayed
+        shares = ([new_total * n / self._new_den for n in self._new_num]
+                  + [replayed * n / self._replay_den for n in self._replay_num])
         out: dict[str, float] = {}
-        for i, s in enumerate(self.streams):
-            n = replayed if i >= self._n_new else new_total * self._num[i] / self._den
+        for s, n in zip(self.streams, shares):
             out[s.corpus] = max(out.get(s.corpus, 0.0), (s.start + n) / s.n_windows)
         return out
 
@@ -241,14 +232,41 @@ def _checked(weights: dict[str, float], replay: ReplayConfig | None, seq_len: in
             raise DataError(f"data.{name}: weight must be > 0, got {w}")
     if replay is None or (not replay.source and replay.fraction == 0):
         return None
+    for name, w in replay.weights().items():
+        if not w > 0:
+            raise DataError(f"replay.source.{name}: weight must be > 0, got {w}")
     if not 0.0 <= replay.fraction < 1.0:
         raise DataError(f"replay.fraction: must be in [0, 1), got {replay.fraction}")
     if replay.order not in ("original", "shuffled"):
         raise DataError(f"replay.order: {replay.order!r} not allowed; allowed: original, shuffled")
-    if set(weights) == {replay.source}:
+    if set(weights) == set(replay.weights()):
         raise DataError(f"replay.source: {replay.source!r} is also the only new corpus; "
                         "replay must come from another corpus")
     return replay
+
+
+def _exact_shares(weights: list[float]) -> tuple[list[int], int]:
+    """Weights normalised to sum 1, as exact integer numerators over a common denominator."""
+    if not weights:
+        return [], 1
+    shares = [Fraction(repr(float(w))) for w in weights]
+    total = sum(shares)
+    shares = [s / total for s in shares]
+    den = math.lcm(*(s.denominator for s in shares))
+    return [int(s * den) for s in shares], den
+
+
+def _split(n: int, counts: list[int], num: list[int], den: int) -> list[int]:
+    """``n`` sequences for streams that have supplied ``counts`` so far, to each by its largest deficit
+    against its share ``num[c] / den`` of all their sequences (remainders carry from step to step)."""
+    total = sum(counts) + n
+    deficit = [share * total - den * count for share, count in zip(num, counts)]
+    alloc = [0] * len(counts)
+    for _ in range(n):
+        c = deficit.index(max(deficit))
+        alloc[c] += 1
+        deficit[c] -= den
+    return alloc
 
 
 # -- the keyed permutation -----------------------------------------------------------------------

@@ -21,6 +21,15 @@ from cptlab.training.train import evaluate
 def load_model(run: str | Path | RunDir, stage: str | None = None) -> tuple[GPT, RunConfig, str]:
     """The run's model at the end of ``stage`` (default: its last stage), its resolved config and the
     stage."""
+    path, cfg, stage = find_checkpoint(run, stage)
+    model = GPT(cfg.model)
+    model.load_state_dict(load_checkpoint(path)["model"])
+    return model.eval(), cfg, stage
+
+
+def find_checkpoint(run: str | Path | RunDir, stage: str | None = None) -> tuple[Path, RunConfig, str]:
+    """The end-of-``stage`` checkpoint of the run (default: its last stage), its resolved config and the
+    stage, checked to exist without loading it."""
     run = run if isinstance(run, RunDir) else RunDir(run)
     if not run.config_path.exists():
         raise RunDirError(f"{run.path} is not a run directory (no config.json)")
@@ -33,9 +42,7 @@ def load_model(run: str | Path | RunDir, stage: str | None = None) -> tuple[GPT,
     if not path.exists():
         raise RunDirError(f"{run.path} has no checkpoint of stage {stage!r} ({path}): that stage has not "
                           "finished")
-    model = GPT(cfg.model)
-    model.load_state_dict(load_checkpoint(path)["model"])
-    return model.eval(), cfg, stage
+    return path, cfg, stage
 
 
 def run_tokenizer(cfg: RunConfig) -> data.Tokenizer:

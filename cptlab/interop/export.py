@@ -130,10 +130,16 @@ def model_card(run: RunDir, cfg: RunConfig, stage: str) -> str:
              "|---|---|---|---|---|---|"]
     for st in cfg.stages[: [s.name for s in cfg.stages].index(stage) + 1]:
         data = ", ".join(f"{k} {v:g}" for k, v in st.data.items())
-        replay = f"{st.replay.fraction:.0%} of {st.replay.source}" if st.replay else "-"
+        replay = f"{st.replay.fraction:.0%} of {', '.join(st.replay.weights())}" if st.replay else "-"
         s = st.schedule
         schedule = f"{s.kind}, max {s.max_lr:g}, min {s.min_lr:g}, warmup {s.warmup:.1%}"
         lines.append(f"| {st.name} | {data} | {replay} | {st.tokens:,} | {schedule} | {st.init_from} |")
+    labels = run.labels()
+    if labels.get("role") == "merge":  # written by cptlab merge: the stage above trained nothing
+        parts = [f"{w:g} x {src['experiment']}/{src['run']} (stage {src['stage']})"
+                 for src, w in zip(labels["sources"], labels["weights"])]
+        lines += ["", f"The weights are an average: {', '.join(parts)}; "
+                  f"{labels['compute_tokens']:,} training tokens are behind them."]
     t = cfg.train
     lines += ["", f"AdamW (betas {t.beta1}, {t.beta2}, weight decay {t.weight_decay}), batch "
               f"{t.batch_size} x {t.seq_len} tokens.", ""]

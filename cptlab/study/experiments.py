@@ -44,15 +44,17 @@ class Run:
         return RunRef(self.experiment, self.run_id, stage)
 
 
-def _schedule(s: Scale, kind: str = "cosine", max_lr: float | None = None, **extra: Any) -> dict[str, Any]:
+def lr_schedule(s: Scale, kind: str = "cosine", max_lr: float | None = None, **extra: Any) -> dict[str, Any]:
+    """A stage's schedule at scale ``s``: ``kind`` from the scale's max LR (or ``max_lr``) to its min LR."""
     spec = {"kind": kind, "max_lr": s.max_lr if max_lr is None else max_lr, "min_lr": s.min_lr,
             "warmup": s.warmup}
     spec.update(extra)
     return spec
 
 
-def _config(s: Scale, stages: list[dict[str, Any]], eval_sets: list[str], seed: int, device: str,
-            eval_every: int) -> RunConfig:
+def run_config(s: Scale, stages: list[dict[str, Any]], eval_sets: list[str], seed: int, device: str,
+               eval_every: int) -> RunConfig:
+    """A run of scale ``s``: its model, tokenizer, batch and evaluation, with ``stages``."""
     return RunConfig.from_dict({
         "model": {"preset": s.model, **dict(s.model_overrides)},
         "tokenizer": {"kind": "bpe", "vocab_size": s.vocab_size},
@@ -66,8 +68,8 @@ def _config(s: Scale, stages: list[dict[str, Any]], eval_sets: list[str], seed: 
 def base_run(scale: str | Scale = "tiny", seed: int = 0, device: str = "auto") -> Run:
     """The D0 base model: pre-trained on en-man with warmup + cosine. Shared by every continual run."""
     s = get_scale(scale)
-    stage = {"name": "pretrain", "data": {D0: 1.0}, "tokens": s.base_tokens, "schedule": _schedule(s)}
-    cfg = _config(s, [stage], [D0, *SHIFTS.values()], seed, device, s.eval_every(s.base_tokens))
+    stage = {"name": "pretrain", "data": {D0: 1.0}, "tokens": s.base_tokens, "schedule": lr_schedule(s)}
+    cfg = run_config(s, [stage], [D0, *SHIFTS.values()], seed, device, s.eval_every(s.base_tokens))
     return Run("base", "base", cfg, {"role": "base", "seed": seed, "d0": D0, "compute_tokens": s.base_tokens})
 
 
@@ -82,10 +84,10 @@ def continual_run(experiment: str, name: str, shift: str, scale: str | Scale = "
     d1 = data or SHIFTS[shift]
     n_tokens = tokens or s.new_tokens
     stage = {"name": "continue", "data": {d1: 1.0}, "tokens": n_tokens,
-             "schedule": schedule or _schedule(s), "init_from": base.ref("pretrain")}
+             "schedule": schedule or lr_schedule(s), "init_from": base.ref("pretrain")}
     if replay > 0:
         stage["replay"] = {"source": D0, "fraction": replay}
-    cfg = _config(s, [stage], [D0, d1], seed, device, s.eval_every(n_tokens))
+    cfg = run_config(s, [stage], [D0, d1], seed, device, s.eval_every(n_tokens))
     spec = stage["schedule"]
     run_labels = {"role": "continual", "shift": shift, "d0": D0, "d1": d1, "replay": replay, "seed": seed,
                   "schedule": spec["kind"], "max_lr": spec["max_lr"], "warmup": spec.get("warmup", 0.0),
@@ -102,8 +104,8 @@ def union_run(shift: str, scale: str | Scale = "tiny", seed: int = 0, device: st
     new = s.new_tokens if tokens is None else tokens - s.base_tokens
     total = s.base_tokens + new
     stage = {"name": "union", "data": {D0: s.base_tokens / total, d1: new / total}, "tokens": total,
-             "schedule": _schedule(s)}
-    cfg = _config(s, [stage], [D0, d1], seed, device, s.eval_every(total))
+             "schedule": lr_schedule(s)}
+    cfg = run_config(s, [stage], [D0, d1], seed, device, s.eval_every(total))
     return Run("union", f"union-{shift}" + (f"-{total}" if tokens else ""), cfg,
                {"role": "union", "shift": shift, "d0": D0, "d1": d1, "seed": seed, "compute_tokens": total})
 
@@ -130,8 +132,8 @@ def warmup_ablation(shift: str = "weak", scale: str | Scale = "tiny", device: st
     for w in WARMUPS:  # the scale's own warmup is the replay sweep's 0% run: shared, not trained twice
         shared = w == s.warmup
         experiment, name = ("replay", f"{shift}-replay0") if shared else ("warmup", f"{shift}-warmup{w:g}")
-        runs.append(continual_run(experiment, name, shift, s, schedule=_schedule(s, warmup=w), device=device,
-                                  labels={"variant": f"warmup {w:.1%}"}))
+        runs.append(continual_run(experiment, name, shift, s, schedule=lr_schedule(s, warmup=w),
+                                  device=device, labels={"variant": f"warmup {w:.1%}"}))
     return runs
 
 
@@ -140,15 +142,15 @@ def max_lr_ablation(shift: str, scale: str | Scale = "tiny", device: str = "auto
     and re-warming + re-decaying at 0.5x, 1x and 2x the max LR (no replay)."""
     s = get_scale(scale)
     runs = [continual_run("max_lr", f"{shift}-constant-min", shift, s,
-                          schedule=_schedule(s, "constant", s.min_lr, warmup=0.0), device=device,
+                          schedule=lr_schedule(s, "constant", s.min_lr, warmup=0.0), device=device,
                           labels={"variant": "constant at min LR"}),
             continual_run("max_lr", f"{shift}-rewarm-constant", shift, s,
-                          schedule=_schedule(s, "constant"), device=device,
+                          schedule=lr_schedule(s, "constant"), device=device,
                           labels={"variant": "re-warm, no re-decay"})]
     for f in LR_FACTORS:  # 1x is the replay sweep's 0% run
         experiment, name = ("replay", f"{shift}-replay0") if f == 1.0 else ("max_lr", f"{shift}-maxlr{f:g}x")
         runs.append(continual_run(experiment, name, shift, s,
-                                  schedule=_schedule(s, max_lr=s.max_lr * f), device=device,
+                                  schedule=lr_schedule(s, max_lr=s.max_lr * f), device=device,
                                   labels={"variant": f"re-warm + re-decay, max {s.max_lr * f:g}"}))
     return runs
 
@@ -157,11 +159,11 @@ def rewarm_same_data(scale: str | Scale = "tiny", device: str = "auto") -> list[
     """Figure 5: re-warming on D0 itself (new D0 tokens) at 1x and 2x max LR, and a constant-LR control."""
     s = get_scale(scale)
     runs = [continual_run("d0_rewarm", "d0-constant-min", "same", s, data=D0, device=device,
-                          schedule=_schedule(s, "constant", s.min_lr, warmup=0.0),
+                          schedule=lr_schedule(s, "constant", s.min_lr, warmup=0.0),
                           labels={"variant": "constant at min LR"})]
     for f in (1.0, 2.0):
         runs.append(continual_run("d0_rewarm", f"d0-maxlr{f:g}x", "same", s, data=D0, device=device,
-                                  schedule=_schedule(s, max_lr=s.max_lr * f),
+                                  schedule=lr_schedule(s, max_lr=s.max_lr * f),
                                   labels={"variant": f"re-warm to {s.max_lr * f:g}"}))
     return runs
 
@@ -180,7 +182,7 @@ def infinite_schedules(scale: str | Scale = "tiny", device: str = "auto", data: 
     k_tokens = max(s.seq_len * s.batch_size, int(n * anneal))
     runs = []
     for kind in paper.CHUNK_SCHEDULES:
-        cfg = _config(s, _chunk_stages(s, kind, data, k_tokens), [data, D0], 0, device, s.eval_every(n))
+        cfg = run_config(s, _chunk_stages(s, kind, data, k_tokens), [data, D0], 0, device, s.eval_every(n))
         labels = {"role": "infinite", "schedule": kind, "d0": D0, "d1": data, "switch_tokens": [n, 2 * n],
                   "compute_tokens": 3 * n}
         main = Run("infinite", f"sched-{kind}", cfg, labels)
@@ -198,12 +200,12 @@ def _chunk_stages(s: Scale, kind: str, data: str, k_tokens: int) -> list[dict[st
     for c in range(1, 4):
         first = c == 1
         if kind == "cosine":
-            spec = _schedule(s)
+            spec = lr_schedule(s)
         elif kind == "wsd":
-            spec = _schedule(s, "wsd", warmup=s.warmup if first else 0.0, decay=0.0)
+            spec = lr_schedule(s, "wsd", warmup=s.warmup if first else 0.0, decay=0.0)
         else:
-            spec = _schedule(s, kind, warmup=s.warmup if first else 0.0,
-                             cooldown=paper.COOLDOWN if first else 0.0, anneal=0.0)
+            spec = lr_schedule(s, kind, warmup=s.warmup if first else 0.0,
+                               cooldown=paper.COOLDOWN if first else 0.0, anneal=0.0)
         if kind == "cosine":
             parts = [(f"chunk{c}", n, spec)]
         else:
@@ -225,10 +227,10 @@ def _anneal_run(s: Scale, main: Run, chunk: int, data: str, k_tokens: int, devic
     if kind == "wsd":
         spec = {"kind": "wsd", "max_lr": s.max_lr, "min_lr": s.min_lr, "warmup": 0.0, "decay": 1.0}
     else:
-        spec = _schedule(s, kind, warmup=0.0, cooldown=0.0, anneal=1.0)
+        spec = lr_schedule(s, kind, warmup=0.0, cooldown=0.0, anneal=1.0)
     stage = {"name": "anneal", "data": {data: 1.0}, "tokens": k_tokens, "schedule": spec,
              "init_from": main.ref(f"chunk{chunk}"), "reset_optimizer": False}
-    cfg = _config(s, [stage], [data, D0], 0, device, k_tokens)
+    cfg = run_config(s, [stage], [data, D0], 0, device, k_tokens)
     labels = {"role": "anneal", "schedule": kind, "chunk": chunk, "d0": D0, "d1": data,
               "compute_tokens": chunk * s.chunk_tokens}
     return Run("infinite", f"anneal-{kind}-chunk{chunk}", cfg, labels, [main])

@@ -7,13 +7,16 @@ import copy
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
 
 from cptlab.config import TrainConfig
+
+# loss_fn(model, inputs, targets) -> (the loss to differentiate, the data loss to report)
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 # -- device and precision ------------------------------------------------------------------------
 
@@ -156,7 +159,8 @@ def _worker_pool(workers: int, threads: int) -> ThreadPoolExecutor:
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], lr: float, grad_clip: float,
                autocast: contextlib.AbstractContextManager | None = None,
-               workers: int | None = None) -> float:
+               workers: int | None = None, loss_fn: LossFn | None = None,
+               grad_hook: Callable[[nn.Module], None] | None = None) -> float:
     """One optimizer step over ``micro_batches`` (gradient accumulation): set ``lr``, forward and
     backward each micro-batch with its loss weighted by its share of the tokens, clip the global
     gradient norm to ``grad_clip`` (0: no clipping), step, zero the gradients. Returns the mean loss
@@ -166,16 +170,21 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     Under ``DistributedDataParallel`` gradient sync is skipped on all but the last micro-batch.
     ``workers`` > 1 splits every micro-batch by rows across that many threads (CPU only; each runs its
     rows single-threaded and the gradients are summed in a fixed order, so results are deterministic);
-    None picks ``step_workers(model, micro_batches)``.
+    None picks ``step_workers(model, micro_batches)``. ``loss_fn(model, x, y)`` returns (the loss to
+    differentiate, the data loss to report) of a micro-batch (default: the model's loss, both);
+    ``grad_hook(model)`` runs after the backward pass, before clipping (a regularizer's penalty gradient).
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
     if workers is None:
         workers = step_workers(model, micro_batches)
+    loss_fn = loss_fn or _model_loss
     if workers > 1:
-        loss = _forward_backward_threads(model, micro_batches, autocast, workers)
+        loss = _forward_backward_threads(model, micro_batches, autocast, workers, loss_fn)
     else:
-        loss = _forward_backward(model, micro_batches, autocast)
+        loss = _forward_backward(model, micro_batches, autocast, loss_fn)
+    if grad_hook is not None:
+        grad_hook(model)
     if grad_clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
     optimizer.step()
@@ -183,8 +192,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     return float(loss)
 
 
+def _model_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _, loss = model(x, y, return_logits=False)
+    return loss, loss
+
+
 def _forward_backward(model: nn.Module, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                      autocast: contextlib.AbstractContextManager | None) -> torch.Tensor:
+                      autocast: contextlib.AbstractContextManager | None, loss_fn: LossFn) -> torch.Tensor:
     """Accumulate the gradients of all micro-batches into ``.grad``; the token-weighted mean loss."""
     total = sum(x.numel() for x, _ in micro_batches)
     no_sync = getattr(model, "no_sync", None)
@@ -193,9 +207,9 @@ def _forward_backward(model: nn.Module, micro_batches: Sequence[tuple[torch.Tens
         last = i == len(micro_batches) - 1
         with contextlib.nullcontext() if last or no_sync is None else no_sync():
             with autocast if autocast is not None else contextlib.nullcontext():
-                _, loss = model(x, y, return_logits=False)
+                objective, loss = loss_fn(model, x, y)
             weight = x.numel() / total
-            (loss * weight if len(micro_batches) > 1 else loss).backward()
+            (objective * weight if len(micro_batches) > 1 else objective).backward()
         loss = loss.detach() * weight
         loss_sum = loss if loss_sum is None else loss_sum + loss
     return loss_sum
@@ -214,7 +228,7 @@ def _own_copy(context: contextlib.AbstractContextManager | None) -> contextlib.A
 
 def _forward_backward_threads(model: nn.Module, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                               autocast: contextlib.AbstractContextManager | None,
-                              workers: int) -> torch.Tensor:
+                              workers: int, loss_fn: LossFn) -> torch.Tensor:
     """``_forward_backward`` with every micro-batch split by rows across ``workers`` threads."""
     params = [p for p in model.parameters() if p.requires_grad]
     total = sum(x.numel() for x, _ in micro_batches)
@@ -230,9 +244,9 @@ def _forward_backward_threads(model: nn.Module, micro_batches: Sequence[tuple[to
         loss_sum = None
         for x, y in shards[w]:
             with context:
-                _, loss = model(x, y, return_logits=False)
+                objective, loss = loss_fn(model, x, y)
             weight = x.numel() / total
-            new = torch.autograd.grad(loss * weight, params, allow_unused=True)
+            new = torch.autograd.grad(objective * weight, params, allow_unused=True)
             grads = [n if g is None else (g if n is None else g.add_(n)) for g, n in zip(grads, new)]
             loss = loss.detach() * weight
             loss_sum = loss if loss_sum is None else loss_sum + loss

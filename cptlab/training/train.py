@@ -8,7 +8,8 @@
 2. for each stage (``run``): ``start_stage`` sets the starting weights (previous stage, scratch, a
    checkpoint file or another run's stage, ``init_from``), resets the optimizer if asked, builds the replay
    sampler (a corpus read as new data continues where earlier stages, or the checkpoint's run, stopped; a
-   replayed corpus is read again from the start of its original order) and the stage's LR schedule;
+   replayed corpus is read again from the start of its original order), the stage's LR schedule and its
+   regularizer (EWC / LwF against the stage's starting model, ``cptlab.training.regularizers``);
    ``run_stage`` then takes steps, logging a training line every ``train.log_every_steps`` steps,
    evaluating every ``eval.every_tokens`` tokens and at the stage end (``evaluate_if_due``), writing a
    rolling checkpoint every ``train.checkpoint_every_tokens`` (``checkpoint_if_due``) and a kept one at the
@@ -38,7 +39,7 @@ import torch.distributed as dist
 
 from cptlab import data, schedules
 from cptlab.config import ConfigError, RunConfig, RunRef, Stage
-from cptlab.training import distributed, loggers, runtime
+from cptlab.training import distributed, loggers, regularizers, runtime
 from cptlab.training.model import GPT
 from cptlab.training.rundir import RunDir, RunDirError, load_checkpoint
 from cptlab.training.store import RunStore
@@ -80,6 +81,8 @@ class _Progress:
     next_ckpt_tokens: int = 0
     window_loss: float = 0.0  # train loss summed since the last training line
     window_steps: int = 0
+    window_regularizer: float = 0.0  # regularizer penalty summed since the last training line
+    extra_flops: int = 0  # FLOPs beyond training: regularizers' Fisher passes and teacher forwards
 
 
 @dataclass
@@ -90,6 +93,7 @@ class _StageRun:
     stage: Stage
     sampler: data.BatchSampler
     lr_at: Callable[[int], float]
+    regularizer: regularizers.Regularizer | None = None
     bar: Any = None  # tqdm progress bar (rank 0, not quiet)
     window_start: float = 0.0  # when the current training line's window began
     window_start_steps: int = 0  # progress.window_steps then (steps of a window resumed from a checkpoint)
@@ -189,12 +193,14 @@ class Trainer:
         if self.cfg.model.vocab_size < tokenizer.vocab_size:
             raise ConfigError(f"model.vocab_size ({self.cfg.model.vocab_size}) is smaller than the "
                               f"tokenizer's ({tokenizer.vocab_size})")
-        names = sorted({n for st in self.cfg.stages for n in st.sources()})
+        names = {n for st in self.cfg.stages for n in st.sources()}
+        names |= {n for i, st in enumerate(self.cfg.stages) if st.regularizer and st.regularizer.kind == "ewc"
+                  for n in self.cfg.fisher_data(i)}
         self.shards = {n: data.token_shard(n, "train", tokenizer, registry, cache_dir=cache_dir)
-                       for n in names}
+                       for n in sorted(names)}
         self._check_shards()
         self.val_sets = {n: data.val_tokens(n, tokenizer, registry, self.cfg.eval.tokens, cache_dir=cache_dir)
-                         for n in self.cfg.eval.sets}
+                         for n in self.cfg.eval_sets()}
         for name, tokens in self.val_sets.items():
             if len(tokens) < self.t.seq_len + 1:
                 raise ConfigError(f"eval.sets: {name!r} has {len(tokens)} validation tokens, fewer than one "
@@ -320,8 +326,11 @@ class Trainer:
                 p.sequences_done = dict(base["progress"].get("sequences_done", {}))
                 p.next_eval_tokens = p.tokens + self.cfg.eval.every_tokens
                 p.next_ckpt_tokens = p.tokens + self.t.checkpoint_every_tokens
+        resumed = base is None and (p.stage_step > 0 or self.sampler_state is not None)
         sampler = self._sampler(stage)
         current = _StageRun(si, stage, sampler, schedules.build(stage.schedule.to_spec(), sampler.num_steps))
+        if stage.regularizer is not None:
+            current.regularizer = self._regularizer(si, resumed)
         if base is not None and si == 0 and self.val_sets:  # where the base model starts from
             self.last_val = self._evaluate()
             self.log({"step": p.step, "tokens": p.tokens, "stage": stage.name, "lr": current.lr_at(0),
@@ -354,6 +363,37 @@ class Trainer:
             raise ConfigError(f"stages[{si}] ({stage.name}).init_from: {path} does not fit this model: "
                               f"{str(exc).splitlines()[0]}") from None
         return state
+
+    def _regularizer(self, si: int, resumed: bool) -> regularizers.Regularizer:
+        """Stage ``si``'s regularizer against its starting model: the model now, at the stage's start, or,
+        when resuming inside the stage, the checkpoint it started from (the same Fisher is estimated
+        again; its FLOPs are counted once)."""
+        stage = self.cfg.stages[si]
+        start = GPT(self.cfg.model).to(self.device)
+        if resumed:
+            start.load_state_dict(load_checkpoint(self._start_checkpoint(si))["model"])
+        else:
+            start.load_state_dict(self.model.state_dict())
+        fisher_sampler = None
+        if stage.regularizer.kind == "ewc":
+            weights = self.cfg.fisher_data(si)
+            n_tokens = stage.regularizer.fisher_batches * self.t.batch_size * self.t.seq_len
+            fisher_sampler = data.BatchSampler({n: self.shards[n] for n in weights}, weights, None,
+                                               self.t.seq_len, self.t.batch_size, n_tokens, seed=self.t.seed)
+        reg = regularizers.build(stage.regularizer, start, fisher_sampler, self.device, self.autocast,
+                                 self.model.flops_per_token(self.t.seq_len))
+        if not resumed:
+            self.progress.extra_flops += reg.setup_flops
+        return reg
+
+    def _start_checkpoint(self, si: int) -> Path:
+        """The checkpoint stage ``si`` started from (a stage that does not start from scratch)."""
+        stage = self.cfg.stages[si]
+        if isinstance(stage.init_from, RunRef):
+            return self.store.checkpoint(stage.init_from)
+        if stage.init_from == "previous":
+            return self.run_dir.stage_checkpoint(self.cfg.stages[si - 1].name)
+        return Path(stage.init_from)
 
     def _sampler(self, stage: Stage) -> data.BatchSampler:
         """The stage's batch sampler, where the checkpoint left it if resuming inside the stage."""
@@ -396,8 +436,11 @@ class Trainer:
         x, y = current.sampler.next_batch()
         micro_batches = [(x[i:i + self.micro].to(self.device), y[i:i + self.micro].to(self.device))
                          for i in range(0, self.share, self.micro)]
+        reg = current.regularizer
         loss = runtime.train_step(self.step_model, self.optimizer, micro_batches, lr, t.grad_clip,
-                                  self.autocast, workers=1 if self.fsdp else None)
+                                  self.autocast, workers=1 if self.fsdp else None,
+                                  loss_fn=reg.loss if reg else None,
+                                  grad_hook=reg.add_penalty_grad if reg else None)
         if self.world > 1:
             loss_t = torch.tensor([loss], dtype=torch.float64)
             dist.all_reduce(loss_t)
@@ -412,6 +455,9 @@ class Trainer:
         p.stage_step += 1
         p.step += 1
         p.tokens += batch_tokens
+        if reg is not None:
+            p.extra_flops += reg.step_flops(batch_tokens)
+            p.window_regularizer += reg.take_penalty()
         p.window_loss += loss
         p.window_steps += 1
         if current.bar is not None:
@@ -425,11 +471,16 @@ class Trainer:
         mean_loss = p.window_loss / p.window_steps
         tokens_per_s = ((p.window_steps - current.window_start_steps) * self.t.batch_size * self.t.seq_len
                         / max(elapsed, 1e-9))
-        self.log({"step": p.step, "tokens": p.tokens, "stage": current.stage.name, "lr": lr,
-                  "train_loss": mean_loss, "tokens_by_source": by_source, "tokens_per_s": tokens_per_s})
+        record = {"step": p.step, "tokens": p.tokens, "stage": current.stage.name, "lr": lr,
+                  "train_loss": mean_loss, "tokens_by_source": by_source, "tokens_per_s": tokens_per_s}
+        if current.regularizer is not None:
+            record["regularizer_loss"] = p.window_regularizer / p.window_steps
+        if p.extra_flops:
+            record["extra_flops"] = p.extra_flops
+        self.log(record)
         if current.bar is not None:
             current.bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", refresh=False)
-        p.window_loss, p.window_steps = 0.0, 0
+        p.window_loss, p.window_steps, p.window_regularizer = 0.0, 0, 0.0
         current.window_start, current.window_start_steps = time.perf_counter(), 0
 
     def evaluate_if_due(self, current: _StageRun, lr: float, last: bool) -> None:
@@ -530,7 +581,9 @@ def _mixture(stage: Stage) -> str:
     total = sum(stage.data.values())
     parts = [f"{name} {100 * (1 - replay) * w / total:.4g}%" for name, w in stage.data.items()]
     if replay > 0:
-        parts.append(f"{stage.replay.source} {100 * replay:.4g}% (replay)")
+        replayed = stage.replay.weights()
+        parts += [f"{name} {100 * replay * w / sum(replayed.values()):.4g}% (replay)"
+                  for name, w in replayed.items()]
     note = f" (data weights sum to {total:g}: rescaled)" if abs(total - 1) > 1e-9 else ""
     return "sequences from " + ", ".join(parts) + note
 

@@ -12,6 +12,9 @@
     -  plot_forgetting        D0 and D1 loss vs tokens: no replay, replay, union baseline          (curves)
     -  plot_scale_forgetting  forgetting vs model size, no replay and chosen replay                 (scales)
     -  plot_scale_compute     average final loss vs compute at each model size                     (scales)
+    -  plot_interpolation     D0 and D1 loss along the path between two runs' weights              (merges)
+    -  plot_forgetting_matrices  loss after each dataset on every dataset, one heatmap per method (sequences)
+    -  plot_sequence_curves   loss on every dataset vs tokens through a sequence of datasets   (sequences)
 
 Figures are built with ``matplotlib.figure.Figure`` (not pyplot), so nothing is kept in pyplot's global
 state and nothing pops up on its own; show one in a notebook by making it a cell's last value, or save it
@@ -29,10 +32,13 @@ from cptlab.viz.curves import (
     plot_warmup,
 )
 from cptlab.viz.finals import plot_compute_vs_loss, plot_replay_table
+from cptlab.viz.merges import plot_interpolation
 from cptlab.viz.scales import plot_scale_compute, plot_scale_forgetting
 from cptlab.viz.schedules import plot_paper_schedules, plot_schedules, schedule_curve
+from cptlab.viz.sequences import plot_forgetting_matrices, plot_sequence_curves
 
 __all__ = ["format_tokens", "save_figure", "schedule_curve", "plot_schedules", "plot_paper_schedules",
            "plot_compute_vs_loss", "plot_warmup", "plot_max_lr", "plot_replay_curves", "plot_replay_table",
            "plot_rewarm_same_data", "plot_infinite", "plot_forgetting", "plot_scale_forgetting",
-           "plot_scale_compute"]
+           "plot_scale_compute", "plot_interpolation", "plot_forgetting_matrices",
+           "plot_sequence_curves"]
