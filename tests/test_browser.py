@@ -163,6 +163,32 @@ def test_schedule_explorer_renders_and_reacts(browser, lab, tmp_path):
     page.close()
 
 
+def test_schedule_explorer_draws_a_predicted_loss_in_the_browser(browser, lab, tmp_path):
+    nb = nbformat.v4.new_notebook()
+    code = ("from cptlab.analysis.laws import ScheduleLaw\nfrom cptlab.ui import ScheduleExplorer\n\n"
+            "law = ScheduleLaw(L0=3.0, A=2.0, alpha=0.5, C=0.002, lam=0.99, lr_ref=2e-3,\n"
+            "                  loss_set='en-docs', runs=('infinite/sched-cosine', 'infinite/sched-wsd'),\n"
+            "                  tokens_per_step=4096, n_points=50, rmse=0.03)\n"
+            "ScheduleExplorer(kind='wsd', compare=('cosine',), tokens_per_stage=1e6, law=law)")
+    nb.cells = [nbformat.v4.new_code_cell(code)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, lab["notebooks"] / "predict.ipynb")
+    page = _open_and_run_all(browser, lab, "predict.ipynb", height=1300)
+    label = page.locator(".widget-html", has_text="fitted on infinite/sched-cosine, infinite/sched-wsd")
+    _wait(page, label, tmp_path)
+    assert "predicted en-docs loss (from scratch)" in label.inner_text()
+    image = page.locator(".widget-image").last
+    page.wait_for_function("img => img.src && img.naturalWidth > 0", arg=image.element_handle())
+    assert image.evaluate("img => img.naturalHeight / img.naturalWidth") > 0.6  # LR above, loss below
+    before = image.get_attribute("src")
+    _slider(page, "stages").locator(".noUi-handle").focus()
+    page.keyboard.press("ArrowRight")  # 3 -> 4 stages: the kernel predicts again and sends a new image
+    page.wait_for_function("([img, old]) => img.src !== old", arg=[image.element_handle(), before])
+    assert label.count() == 1
+    assert _save(page, tmp_path, "schedule_prediction.png").stat().st_size > 0
+    page.close()
+
+
 def test_run_launcher_trains_in_the_browser(browser, lab, tmp_path):
     nb = nbformat.v4.new_notebook()
     code = ("from cptlab.ui import RunLauncher\n\n"

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from cptlab import schedules as S
+from cptlab.analysis import laws
 from cptlab.analysis import metrics as M
 from cptlab.analysis.runs import eval_frame, load_runs
 from cptlab.study import experiments as E
 from cptlab.study import paper, runner
 from cptlab.study.scales import SCALES
-from cptlab.training.store import runs_root
+from cptlab.training.store import RunStore, runs_root
 from cptlab.training.train import train
 from cptlab.ui import ResultsBrowser, RunLauncher
 
@@ -131,6 +132,37 @@ def test_stop_then_train_resumes_to_the_uninterrupted_result(root, tmp_path):
     assert _comparable(resumed) == _comparable(reference)
     evals = [r for r in reference if "val" in r]
     np.testing.assert_array_equal(la.curves()["D0"][1], [r["val"][paper.D0] for r in evals])
+
+
+def test_the_laws_prediction_is_drawn_before_train(tmp_path):
+    from test_laws import TRUE, write_fake_run  # finished runs whose losses the law generated
+
+    store = RunStore(tmp_path / "runs")
+    zero = E.max_lr_ablation(SHIFT, "smoke")  # 0% replay: cosine at 0.5x, 1x, 2x max LR, constants
+    quarter = [r for r in E.replay_sweep(SHIFT, "smoke") if r.labels.get("replay") == 0.25]
+    for run in (*zero, *quarter):
+        write_fake_run(store, run, TRUE)
+    la = RunLauncher(scale="smoke", shift=SHIFT, replay=0.0, root=store.root)
+    la.schedule.kind.value = "wsd"  # no run of the store has this schedule: a prediction, not a fit
+    run = la.run()
+    assert run.experiment == "launcher" and set(la.prediction) == {"D0", "D1"}
+    for key in ("D0", "D1"):
+        x, y = la.prediction[key]
+        true_x, true_y = laws.predict_run(TRUE, run)
+        np.testing.assert_array_equal(x, true_x)
+        np.testing.assert_allclose(y, true_y, rtol=1e-6)  # the fit found the law that made the runs
+        np.testing.assert_array_equal(la.curves()[f"predicted {key}"][1], y)
+    text = la.prediction_text.value
+    assert "fitted on replay/strong-replay0, max_lr/strong-constant-min" in text
+    assert "(0% replay, as this run)" in text
+    la.replay.value = 25.0
+    assert "fitted on replay/strong-replay0.25 (25% replay, as this run)" in la.prediction_text.value
+    la.schedule.kind.value = "cosine"  # the sweep's own 25% run: never fitted on itself
+    assert la.run().name == "strong-replay0.25" and "Train loads it" in la.status.value
+    assert "0% replay, the nearest to this run&#x27;s 25%" in la.prediction_text.value
+    empty = RunLauncher(scale="smoke", shift=SHIFT, root=tmp_path / "empty")
+    assert empty.prediction == {} and "no prediction: the run store has no finished" in \
+        empty.prediction_text.value
 
 
 def test_bad_values_show_in_the_status_and_train_nothing(root):

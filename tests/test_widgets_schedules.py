@@ -125,3 +125,35 @@ def test_widget_displays():
     bundle = ex._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
     assert set(ex.curves()) == {"cosine", "wsd", "infinite_cosine"}  # default: the paper's comparison
+
+
+def test_a_law_draws_each_schedules_predicted_loss_under_it():
+    from cptlab.analysis.laws import ScheduleLaw
+
+    law = ScheduleLaw(L0=3.0, A=2.0, alpha=0.5, C=0.002, lam=0.99, lr_ref=1e-3, loss_set="en-docs",
+                      runs=("infinite/sched-cosine", "infinite/sched-wsd"), tokens_per_step=4096, n_points=50,
+                      rmse=0.03)
+    ex = ScheduleExplorer(kind="wsd", compare=("cosine",), n_stages=2, tokens_per_stage=4096 * 300,
+                          steps_per_stage=STEPS)
+    assert ex.prediction == {} and ex.prediction_label.value == ""
+    with ex.hold():
+        ex.max_lr.value, ex.min_lr.value, ex.decay.value = 1e-3, 1e-4, 20.0
+    ex.set_law(law)
+    assert set(ex.prediction) == {"wsd", "cosine"} and len(ex.figure.axes) == 2
+    assert "fitted on infinite/sched-cosine, infinite/sched-wsd" in ex.prediction_label.value
+    # the real steps are tokens over the law's tokens per step (300 a stage), not the plot's resolution
+    plan = S.multi_stage(ex.spec("wsd"), 2, 300)
+    x, y = ex.prediction["wsd"]
+    np.testing.assert_allclose(y, law.plan_loss(plan))
+    np.testing.assert_allclose(x, np.arange(1, 601) * 4096)
+    cosine = S.multi_stage(ex.spec("cosine"), 2, 300)
+    np.testing.assert_allclose(ex.prediction["cosine"][1], law.plan_loss(cosine))
+    ex.add_button.click()
+    assert "#1 wsd max 0.001" in ex.prediction
+    before = ex.prediction["wsd"][1][-1]
+    ex.decay.value = 0.0  # no anneal at the end: a higher final loss
+    assert ex.prediction["wsd"][1][-1] > before
+    ex.tokens_per_stage.value = 1e12  # far more steps than the law computes: said, not drawn
+    assert ex.prediction == {} and "no predicted loss" in ex.prediction_label.value
+    ex.set_law(None)
+    assert ex.prediction == {} and ex.prediction_label.value == "" and len(ex.figure.axes) == 1

@@ -18,7 +18,9 @@ import numpy as np
 import pandas as pd
 
 from cptlab.analysis import findings as F
+from cptlab.analysis import laws as L
 from cptlab.analysis import metrics as M
+from cptlab.analysis import replay_law as R
 from cptlab.analysis import results as T
 from cptlab.analysis import sequences as S
 from cptlab.files import atomic_write_text
@@ -111,6 +113,7 @@ def render_report(res: T.Results, out_dir: str | Path, scale: str = "", root: st
               "Questions the paper does not ask, answered by measurement on this scale's runs; they are not "
               "part of its findings above.", ""]
     lines += _sequence_section(res, figures, out_dir)
+    lines += _predictions_section(res, figures, out_dir)
     lines += _figures_section(figures, out_dir)
     return "\n".join(lines) + "\n"
 
@@ -173,6 +176,42 @@ def _sequence_section(res: T.Results, figures: list[Path], out_dir: Path) -> lis
     mine = [p for p in figures if p.relative_to(out_dir).parts[0].startswith("08_sequences")]
     lines += [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in mine]
     return lines + [""]
+
+
+def _predictions_section(res: T.Results, figures: list[Path], out_dir: Path) -> list[str]:
+    """The schedule law's predictions of held-out runs and the replay law's answer
+    (``cptlab.analysis.laws``, ``cptlab.analysis.replay_law``), with the figures of notebook 09_predict."""
+    lines = ["### Predicted losses", "",
+             "The schedule law of Tissue et al. (arXiv 2408.11029), L = L0 + A S1^-alpha - C S2 over each "
+             "run's whole LR history, fitted on the evaluation losses of two finished runs of a kind and "
+             "asked about the others (`cptlab.analysis.laws`, notebook `09_predict`). Error = predicted "
+             "minus measured loss at a held-out run's last evaluation, and its mean magnitude along the "
+             "run's evaluations, in % of the measured loss.", ""]
+    validation = L.validate_results(res)
+    if validation.table.empty:
+        return lines + ["not run", ""]
+    laws = L.laws_table(validation)
+    for col in ("A", "C", "LR unit"):
+        laws[col] = laws[col].map(lambda x: f"{x:.4g}")
+    lines += [md_table(laws), "", md_table(validation.table.drop(columns=["family"])), "",
+              L.summary(validation.table) + " Runs trained on other data than the fitted runs show what the "
+              "law misses across a data shift: it has no term for one.", ""]
+    lines += _replay_law_lines(T.finals_of(res, "replay"))
+    mine = [p.relative_to(out_dir) for p in figures if p.relative_to(out_dir).parts[0] == "09_predict"]
+    lines += [f"![{p.stem}]({p.as_posix()})" for p in mine] or ["Figures: none (run notebook 09_predict)."]
+    return lines + [""]
+
+
+def _replay_law_lines(finals: pd.DataFrame) -> list[str]:
+    replay = R.replay_laws(finals)
+    lines = [f"Replay law, D0(r) = a + b ln(r + c) and D1(r) = d + e ln(1 / (1 - r)) on the final losses of "
+             f"the replay sweep, asked for D0 within +{R.REPLAY_TOLERANCE:g} nats of the base model:", ""]
+    lines += [f"- {law.answer(R.REPLAY_TOLERANCE)}" for law in replay.values()]
+    lines += ["", md_table(R.replay_table(replay)), ""]
+    for shift in replay:
+        lines += [f"Each replay fraction left out of the fit, {shift} shift (`inside`: interpolated):", "",
+                  md_table(R.replay_loo(finals, shift)), ""]
+    return lines
 
 
 def _figures_section(figures: list[Path], out_dir: Path) -> list[str]:

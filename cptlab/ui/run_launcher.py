@@ -1,5 +1,6 @@
-"""The run launcher: describe a continual run (shift, replay, schedule, scale, device), train it in a
-background thread while its D0 / D1 losses and LR are drawn live, stop and resume it.
+"""The run launcher: describe a continual run (shift, replay, schedule, scale, device), see the D0 / D1
+losses the schedule law predicts for it, train it in a background thread while its D0 / D1 losses and LR
+are drawn live over the prediction, stop and resume it.
 
 Like every widget of ``cptlab.ui`` it is a plain class holding its controls; display it as a cell's last
 value. Constructing or displaying it never trains anything; its state is readable without a front end
@@ -20,6 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from cptlab.analysis import laws
 from cptlab.study import experiments as E
 from cptlab.study import paper, runner
 from cptlab.study.scales import SCALES, get_scale
@@ -79,6 +81,12 @@ class RunLauncher:
     every callable in ``listeners`` gets the run's line (in the thread). "Stop" ends the training at the
     next step with a checkpoint; "Train" again resumes it exactly. Errors show in ``status`` and
     ``error``; ``result`` is the last ``train.TrainResult``; ``wait()`` joins the thread.
+
+    Before Train, the figure shows the D0 and D1 losses that the schedule law (``cptlab.analysis.laws``)
+    predicts for the run, dashed (``prediction``: "D0" / "D1" -> (tokens, loss)), fitted on the run
+    store's finished runs that continue the same base model on the same data, at the same replay fraction
+    or else the nearest (``laws.launcher_fit_runs``); ``prediction_text`` names those runs, or says why
+    there is no prediction. The live curves then land on it or off it.
     """
 
     def __init__(self, scale: str = "tiny", shift: str = "strong", replay: float = 0.25, device: str = "auto",
@@ -93,7 +101,7 @@ class RunLauncher:
         self.device = W.Dropdown(options=DEVICES, value=device, description="device", style=style)
         self.schedule = ScheduleExplorer(kind="cosine", compare=(), n_stages=1)
         self.schedule.tokens_per_stage.min = 3  # a smoke stage is a few thousand tokens
-        self.schedule.figure.set_size_inches(7.0, 3.6)
+        self.schedule.figsize = (7.0, 3.6)
         self.schedule.image.layout.width = "560px"  # the figure's own size (80 dpi), not stretched
         self.train_button = W.Button(description="Train", button_style="success", icon="play",
                                      tooltip="train (or resume, or load from the run store) this run")
@@ -102,6 +110,9 @@ class RunLauncher:
         self.progress = W.FloatProgress(value=0.0, min=0.0, max=1.0, description="progress", style=style)
         self.progress_text = W.HTML()
         self.status = W.HTML()
+        self.prediction_text = W.HTML()
+        self.prediction: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._fits: dict[tuple[str, ...], dict[str, laws.ScheduleLaw]] = {}  # by the run ids fitted on
         self.image = W.Image(format="png", layout=W.Layout(width="720px"))
         self.figure = Figure(figsize=(9.0, 4.0))
         self.lines: dict[str, Line2D] = {}
@@ -140,6 +151,7 @@ class RunLauncher:
             W.HBox([self.train_button, self.stop_button, self.progress, self.progress_text],
                    layout=W.Layout(flex_flow="row wrap")),
             self.status,
+            self.prediction_text,
             self.image,
         ])
 
@@ -186,6 +198,7 @@ class RunLauncher:
             self._fail(exc)
             return
         self.error, self.result, self.current = None, None, run
+        self._predict(run)
         self.records = RunDir(runner.run_dir(run, self.store)).read_metrics()
         base = run.needs[0] if run.needs else None
         self.base_records = RunDir(runner.run_dir(base, self.store)).read_metrics() if base else []
@@ -298,6 +311,7 @@ class RunLauncher:
         if self._quiet or self.running:
             return
         self.current, self.records, self.base_records = None, [], []
+        self.prediction, self.prediction_text.value = {}, ""
         self.progress.value, self.progress_text.value = 0.0, ""
         try:
             run = self.run()
@@ -315,7 +329,29 @@ class RunLauncher:
             base_done = not run.needs or runner.is_done(run.needs[0], self.store)
             state = "new: Train trains it" + ("" if base_done else " (after the base model of this scale)")
         self._say(f"{run.experiment}/{run.name}: {state}")
+        self._predict(run)
         self._redraw()
+
+    def _predict(self, run: E.Run) -> None:
+        """Fill ``prediction`` and ``prediction_text`` for ``run`` (laws cached by the runs fitted on)."""
+        self.prediction = {}
+        fit, note = laws.launcher_fit_runs(run, self.store, self.scale.value, self.device.value)
+        if not fit:
+            self.prediction_text.value = html.escape(f"no prediction: {note}")
+            return
+        key = tuple(r.run_id for r in fit)
+        try:
+            if key not in self._fits:
+                sets = {"D0": run.labels.get("d0", paper.D0), "D1": run.labels["d1"]}
+                self._fits[key] = laws.fit_laws(fit, sets, self.store)
+            self.prediction = {name: laws.predict_run(law, run, self.store)
+                               for name, law in self._fits[key].items()}
+        except ValueError as exc:
+            self.prediction_text.value = html.escape(f"no prediction: {exc}")
+            return
+        names = ", ".join(f"{r.experiment}/{r.name}" for r in fit)
+        self.prediction_text.value = html.escape(
+            f"predicted (dashed): schedule law fitted on {names} ({note})")
 
     def _redraw(self) -> None:
         """Draw the base model's and this run's D0 / D1 losses and this run's LR against tokens."""
@@ -343,6 +379,10 @@ class RunLauncher:
                 "lr": lr_ax.plot([r["tokens"] for r in self.records], [r["lr"] for r in self.records],
                                  color="0.45", ls="--", lw=1.0, label="LR")[0],
             }
+            for key, color in (("D0", "C0"), ("D1", "C1")):
+                if key in self.prediction:
+                    lines[f"predicted {key}"] = ax.plot(*self.prediction[key], "--", color=color, lw=1.3,
+                                                        label=f"predicted {key}")[0]
             self.lines = lines
             common.tokens_axis(ax)
             ax.set_ylabel("validation loss")
@@ -350,9 +390,10 @@ class RunLauncher:
             lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
             if self.records:
                 ax.axvline(self.records[0]["tokens"], color="0.6", ls=":", lw=1)
-            handles = [lines["D0"], lines["D1"], lines["lr"]]
+            handles = [lines[k] for k in ("D0", "D1", "predicted D0", "predicted D1", "lr") if k in lines]
             ax.legend(handles, [h.get_label() for h in handles], fontsize="small", loc="upper right")
             ax.set_title(f"{run.experiment}/{run.name}" if run else "press Train", fontsize="medium")
             if not self.records and not self.base_records:
-                ax.text(0.5, 0.5, "nothing trained yet", transform=ax.transAxes, ha="center", color="0.5")
+                text = "nothing trained yet" + (": the prediction is dashed" if self.prediction else "")
+                ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", color="0.5")
             self.image.value = common.png(fig)

@@ -1,5 +1,6 @@
 """The schedule explorer: move a learning-rate schedule's parameters and see it over several stages,
-overlaid with other kinds or with pinned schedules (nothing is trained)."""
+overlaid with other kinds or with pinned schedules (nothing is trained); given a fitted schedule law, the
+loss it predicts for each schedule is drawn under the LR curves."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from matplotlib.figure import Figure
 
 from cptlab import schedules as sched
 from cptlab import viz
+from cptlab.analysis.laws import MAX_STEPS, ScheduleLaw
 from cptlab.study import paper
 from cptlab.ui import common
 
@@ -30,10 +32,17 @@ class ScheduleExplorer:
     stage). Kinds ticked in ``compare`` are drawn with the same sliders; "add to comparison" pins a
     copy of the current schedule. ``steps_per_stage`` is only the plot's resolution: all lengths are
     fractions of a stage, so tokens per stage scales the x axis.
+
+    ``law`` (a ``cptlab.analysis.laws.ScheduleLaw``, e.g. ``laws.explorer_law(scale)`` from the run
+    store; ``set_law`` changes it): each drawn schedule's predicted loss, trained from scratch, is drawn
+    under the LR curves (``prediction``: label -> (tokens, loss)); there the steps are real ones, tokens
+    per stage divided by the tokens per step of the runs the law was fitted on. ``prediction_label``
+    says which runs those were.
     """
 
     def __init__(self, kind: str = "infinite_cosine", compare: tuple[str, ...] = ("cosine", "wsd"),
-                 n_stages: int = 3, tokens_per_stage: float = 100e9, steps_per_stage: int = 1000) -> None:
+                 n_stages: int = 3, tokens_per_stage: float = 100e9, steps_per_stage: int = 1000,
+                 law: ScheduleLaw | None = None) -> None:
         p = paper.LR_405M
         self.steps_per_stage = steps_per_stage
         self.kind = W.Dropdown(options=sched.KINDS, value=kind, description="kind")
@@ -55,8 +64,12 @@ class ScheduleExplorer:
         self.add_button = W.Button(description="add to comparison")
         self.clear_button = W.Button(description="clear comparison")
         self.status = W.HTML()
+        self.prediction_label = W.HTML()
         self.image = W.Image(format="png")
-        self.figure = Figure(figsize=(9.0, 4.0))
+        self.figsize = (9.0, 4.0)  # of the LR panel; the predicted loss adds 60% below it
+        self.figure = Figure(figsize=self.figsize)
+        self.law = law
+        self.prediction: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.error: str | None = None
         self.pinned: list[tuple[str, StagePlan, float]] = []  # (label, plan, tokens per step)
         self._hold = False
@@ -78,6 +91,7 @@ class ScheduleExplorer:
             ], layout=W.Layout(flex_flow="row wrap")),
             W.HBox([self.preset_button, self.add_button, self.clear_button]),
             self.status,
+            self.prediction_label,
             self.image,
         ])
         self.redraw()
@@ -161,6 +175,36 @@ class ScheduleExplorer:
         self.pinned.clear()
         self.redraw()
 
+    def set_law(self, law: ScheduleLaw | None) -> None:
+        """Predict the loss with ``law`` (None: no prediction) and redraw."""
+        self.law = law
+        self.redraw()
+
+    # -- prediction ------------------------------------------------------------------------------
+    def _predict(self, drawn: dict[str, tuple[StagePlan, float]]) -> None:
+        """Fill ``prediction`` for every drawn schedule (each plan's steps made real: its tokens over the
+        law's tokens per step) and say where the law comes from in ``prediction_label``."""
+        self.prediction = {}
+        law = self.law
+        if law is None:
+            self.prediction_label.value = ""
+            return
+        tps = law.tokens_per_step
+        plans = {label: [(spec, max(1, round(n * tokens / tps))) for spec, n in plan]
+                 for label, (plan, tokens) in drawn.items()}
+        longest = max(sched.stage_boundaries(plan)[-1] for plan in plans.values())
+        if longest > MAX_STEPS:
+            self.prediction_label.value = html.escape(
+                f"no predicted loss: {longest:,} steps of {tps:,} tokens; the law takes at most "
+                f"{MAX_STEPS:,} (fewer tokens / stage)")
+            return
+        for label, plan in plans.items():
+            loss = law.plan_loss(plan)
+            self.prediction[label] = (np.arange(1, len(loss) + 1) * tps, loss)
+        self.prediction_label.value = html.escape(
+            f"predicted {law.loss_set} loss (from scratch): {law.formula()}, fitted on "
+            f"{', '.join(law.runs)}")
+
     def redraw(self) -> None:
         """Validate the sliders and draw; a bad spec shows its error and keeps the last figure."""
         if self._hold:
@@ -174,12 +218,19 @@ class ScheduleExplorer:
             return
         self.error = None
         drawn = self.schedules()
+        self._predict(drawn)
         self.figure.clear()
+        rows = 1 if self.law is None else 2  # the predicted loss under the LR
+        width, height = self.figsize
+        self.figure.set_size_inches(width, height * (1.0 if rows == 1 else 1.6))
         # fixed margins: a layout engine would draw the figure twice per redraw
-        self.figure.subplots_adjust(left=0.08, right=0.98, bottom=0.12, top=0.96)
+        self.figure.subplots_adjust(left=0.08, right=0.98, bottom=0.12 if rows == 1 else 0.08, top=0.96,
+                                    hspace=0.3)
+        ax = self.figure.add_subplot(rows, 1, 1)
         viz.plot_schedules({label: plan for label, (plan, _) in drawn.items()},
-                             tokens_per_step={label: tps for label, (_, tps) in drawn.items()},
-                             ax=self.figure.add_subplot())
+                             tokens_per_step={label: tps for label, (_, tps) in drawn.items()}, ax=ax)
+        if rows == 2:
+            viz.plot_predicted_losses(self.prediction, ax=self.figure.add_subplot(rows, 1, 2, sharex=ax))
         final = self.lr_curve()[1][-1]
         self.status.value = (f"{self.n_stages.value} stages of {self.tokens_per_stage.value:.3g} tokens; "
                              f"{self.kind.value} ends at lr {final:.3g}")
