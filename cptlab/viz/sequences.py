@@ -47,8 +47,8 @@ def plot_sequence_curves(df: pd.DataFrame, variants: Sequence[str], datasets: Se
     sequence; the base model's curve (grey) leads into the continual methods', dotted lines mark where the
     data switches. ``df``: evaluation lines (``load_runs``) of the study's runs."""
     fig, axes, own = C.panels(axes, max(1, len(datasets)), (4.2 * max(1, len(datasets)), 3.4))
-    base = df[df.get("role") == "base"] if "role" in df else df.iloc[:0]
-    ours = df[(df.get("role") == "sequence")] if "role" in df else df.iloc[:0]
+    role = df["role"] if "role" in df else pd.Series("", index=df.index)
+    base, ours = df[role == "base"], df[role == "sequence"]
     palette = dict(zip(variants, C.colors(len(variants), "tab10")))
     for ax, dataset in zip(axes, datasets):
         col = f"val_{dataset}"
