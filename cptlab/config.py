@@ -385,29 +385,39 @@ class RunConfig:
     def _validate_sequence(self) -> None:
         """What a stage may take from the stages before it: replay only of corpora read earlier, and a
         regularizer only where there is an earlier model (and, for EWC, earlier data) to protect."""
-        seen: set[str] = set()  # corpora the earlier stages read, since the model last started fresh
-        complete = True  # False once the chain started from a model whose data this config does not know
         for i, st in enumerate(self.stages):
             where = f"stages[{i}] ({st.name})"
+            seen, complete = self.read_before(i)
             fresh = st.init_from == "scratch" or (i == 0 and st.init_from == "previous")
-            if fresh or st.init_from != "previous":
-                seen, complete = set(), fresh
             if st.replay is not None and complete and i > 0:
                 for name in st.replay.weights():
                     if name not in seen:
                         raise ConfigError(f"{where}.replay.source: {name!r} was not read before this stage "
                                           f"(read before it: {', '.join(sorted(seen)) or 'nothing'})")
             reg = st.regularizer
-            if reg is not None:
-                if fresh:
-                    raise ConfigError(f"{where}.regularizer: the stage starts from scratch, so there is no "
-                                      "earlier model to protect; put it on a later stage")
-                if reg.kind == "ewc" and not reg.data and not seen:
-                    raise ConfigError(f"{where}.regularizer.data: required: no earlier stage of this config "
-                                      "read data to estimate the Fisher on; name the corpora to protect")
-                if self.train.strategy == "fsdp":
-                    raise ConfigError(f"{where}.regularizer: not supported with train.strategy fsdp; use ddp")
-            seen |= set(st.sources())
+            if reg is None:
+                continue
+            if fresh:
+                raise ConfigError(f"{where}.regularizer: the stage starts from scratch, so there is no "
+                                  "earlier model to protect; put it on a later stage")
+            if reg.kind == "ewc" and not reg.data and not seen:
+                raise ConfigError(f"{where}.regularizer.data: required: no earlier stage of this config "
+                                  "read data to estimate the Fisher on; name the corpora to protect")
+            if self.train.strategy == "fsdp":
+                raise ConfigError(f"{where}.regularizer: not supported with train.strategy fsdp; use ddp")
+
+    def read_before(self, index: int) -> tuple[list[str], bool]:
+        """The corpora the stages before ``index`` read since the model last started (from scratch or
+        from a checkpoint), and whether that is all the model read (False when it started from a
+        checkpoint or another run, whose data this config does not know)."""
+        names: list[str] = []
+        complete = True
+        for i, st in enumerate(self.stages[:index + 1]):
+            if st.init_from == "scratch" or i == 0 or st.init_from != "previous":
+                names, complete = [], st.init_from in ("scratch", "previous")
+            if i < index:
+                names += [n for n in st.sources() if n not in names]
+        return names, complete
 
     def fisher_data(self, index: int) -> dict[str, float]:
         """The corpora (and weights) EWC estimates stage ``index``'s Fisher on: its ``regularizer.data``,
@@ -415,12 +425,7 @@ class RunConfig:
         reg = self.stages[index].regularizer
         if reg is not None and reg.data:
             return dict(reg.data)
-        names: list[str] = []
-        for st in self.stages[:index]:
-            if st.init_from != "previous":
-                names = []
-            names += [n for n in st.sources() if n not in names]
-        return {name: 1.0 for name in names}
+        return {name: 1.0 for name in self.read_before(index)[0]}
 
     def eval_sets(self) -> list[str]:
         """The corpora evaluated: ``eval.sets``, then every other corpus a stage reads (data or replay),
