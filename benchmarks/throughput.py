@@ -4,6 +4,10 @@
         --batch-size 16 --vocab-size 512] [--precision auto|fp32|bf16] [--steps 32] [--rounds 8]
         [--threads N] [--workers N] [--malloc tuned|asis] [--compile]
         [--reference-attention sdpa|manual] [--no-reference] [--device cpu] [--json]
+        [--scale small] [--processes N] [--out FILE.json]
+    # on a GPU: one run of a scale, then as many side by side as `cptlab batch` would train (0: its choice)
+    .venv/bin/python benchmarks/throughput.py --device cuda --scale small --no-reference --processes 0 \
+        --out bench.json
 
 1. Matmul peak: best of large square matmuls, fp32 and bf16 (GFLOP/s), sampled at the start, between
    rounds and at the end; the best sample is kept.
@@ -20,6 +24,12 @@ beside it. FLOPs per token use the PaLM convention (see ``GPT.flops_per_token``)
 FLOP/s over the measured peak of the precision used. Minor page faults and system CPU time per step
 show what ``runtime.tune_malloc`` saves (``--malloc asis`` leaves glibc as launched). Prints figures;
 never fails on timing.
+
+On CUDA, MFU is also given against the GPU's dense bf16 tensor-core peak from NVIDIA's data sheets
+(``DENSE_BF16_PEAKS``, named in the output; an unknown GPU is said to be unknown). ``--scale`` takes the
+model and batch shapes of that scale's base run. ``--processes N`` then runs N copies of the measurement
+side by side (as ``cptlab batch`` trains runs; 0: ``runner.default_workers`` for the scale's runs) and
+reports their tokens/s, FLOP/s and MFU together. ``--out`` writes the JSON to a file.
 """
 
 from __future__ import annotations
@@ -27,8 +37,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -38,10 +51,42 @@ from torch import nn
 
 from cptlab.config import ModelConfig, TrainConfig
 from cptlab.schedules import ScheduleConfig
+from cptlab.study import scheduler
 from cptlab.training import runtime
 from cptlab.training.model import GPT
 
 # -- 1. matmul peak --------------------------------------------------------------------------------
+
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks, FLOP/s, from NVIDIA's data sheets (SXM parts unless named):
+# (substring of torch.cuda.get_device_name, the part they are quoted for, FLOP/s); the first match wins.
+DENSE_BF16_PEAKS = (
+    ("H200 NVL", "NVIDIA H200 NVL", 835e12),
+    ("GH200", "NVIDIA GH200 (H100/H200 SXM die)", 989e12),
+    ("H200", "NVIDIA H200 SXM", 989e12),
+    ("H100 PCIe", "NVIDIA H100 PCIe", 756e12),
+    ("H100 NVL", "NVIDIA H100 NVL", 835e12),
+    ("H100", "NVIDIA H100 SXM", 989e12),
+    ("H800", "NVIDIA H800 SXM", 989e12),
+    ("B200", "NVIDIA B200", 2250e12),
+    ("A100", "NVIDIA A100", 312e12),
+    ("A800", "NVIDIA A800", 312e12),
+    ("L40S", "NVIDIA L40S", 362e12),
+    ("L40", "NVIDIA L40", 181e12),
+    ("L4", "NVIDIA L4", 121e12),
+)
+
+
+def dense_bf16_peak(device_name: str) -> tuple[str, float] | None:
+    """(the part, its dense bf16 FLOP/s) for a ``torch.cuda.get_device_name``, None for an unknown GPU."""
+    for key, part, flops in DENSE_BF16_PEAKS:
+        if key.lower() in device_name.lower():
+            return part, flops
+    return None
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: achieved FLOP/s (tokens/s x training FLOPs per token) over the peak."""
+    return tokens_per_s * flops_per_token / peak_flops
 
 
 def sync(device: torch.device) -> None:
@@ -265,7 +310,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--reference-attention", default="sdpa", choices=("sdpa", "manual"))
     p.add_argument("--no-reference", action="store_true", help="skip the reference step")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a report")
+    p.add_argument("--scale", help="take the model and batch shapes of this scale's base run (e.g. small)")
+    p.add_argument("--processes", type=int, default=None,
+                   help="then measure N copies side by side (0: as many as cptlab batch would train)")
+    p.add_argument("--out", help="also write the JSON to this file")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one of --processes' copies
     args = p.parse_args(argv)
+    if args.scale:
+        apply_scale(args)
+    if args.child:
+        args.json, args.no_reference = True, True
 
     malloc_tuned = runtime.tune_malloc() if args.malloc == "tuned" else False
     runtime.set_threads(args.threads)
@@ -302,8 +356,10 @@ def main(argv: list[str] | None = None) -> dict:
         for name in steps:
             for _ in range(per_round):
                 timers[name](steps[name])
-        update_peak(peak, device, sizes=(2048,), repeats=2)  # a shared machine slows any one sample
-    update_peak(peak, device)
+        if not args.child:  # side by side, sampling the peak would slow the other copies
+            update_peak(peak, device, sizes=(2048,), repeats=2)  # a shared machine slows any one sample
+    if not args.child:
+        update_peak(peak, device)
 
     tokens = args.batch_size * args.seq_len
     fpt = model.flops_per_token(args.seq_len)
@@ -347,9 +403,77 @@ def main(argv: list[str] | None = None) -> dict:
             f"minor page faults per step: {out['reference_minor_faults_per_step']:.0f} "
             f"(system CPU time {out['reference_sys_ms_per_step']:.1f} ms per step)")
         say(f"speed-up over the reference: {out['speedup']:.2f}x best, {out['speedup_median']:.2f}x median")
+    if device.type == "cuda":
+        out.update(gpu_peak(torch.cuda.get_device_name(device), out["flops_per_s"]))
+        say(f"  GPU {out['gpu']}: {gpu_peak_line(out)}")
+    if args.processes is not None and not args.child:
+        out["concurrent"] = side_by_side(args, out)
+        c = out["concurrent"]
+        say(f"{c['processes']} processes side by side: {c['tokens_per_s']:,.0f} tokens/s together "
+            f"({c['flops_per_s'] / 1e12:.2f} TFLOP/s" + (f", MFU {c['mfu_dense_bf16']:.1%} of the "
+                                                         f"{out['peak_dense_bf16_part']} dense bf16 peak)"
+                                                         if "mfu_dense_bf16" in c else ")"))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=2)
     if args.json:
         print(json.dumps(out))
     return out
+
+
+def apply_scale(args: argparse.Namespace) -> None:
+    """Set the model and batch dims to those of ``args.scale``'s base run."""
+    from cptlab.study.experiments import base_run
+
+    cfg = base_run(args.scale).config
+    m = cfg.resolve(vocab_size=cfg.tokenizer.vocab_size).model
+    args.n_layer, args.n_head, args.d_model, args.vocab_size = m.n_layer, m.n_head, m.d_model, m.vocab_size
+    args.seq_len, args.batch_size = cfg.train.seq_len, cfg.train.micro_batch_size or cfg.train.batch_size
+
+
+def gpu_peak(name: str, flops_per_s: float) -> dict:
+    """The GPU's name, its dense bf16 peak (part and FLOP/s, None if unknown) and the MFU against it."""
+    found = dense_bf16_peak(name)
+    if found is None:
+        return {"gpu": name, "peak_dense_bf16_part": None, "peak_dense_bf16": None}
+    part, peak = found
+    return {"gpu": name, "peak_dense_bf16_part": part, "peak_dense_bf16": peak,
+            "mfu_dense_bf16": flops_per_s / peak}
+
+
+def gpu_peak_line(out: dict) -> str:
+    if out["peak_dense_bf16"] is None:
+        return "unknown GPU: no data-sheet dense bf16 peak (add it to DENSE_BF16_PEAKS); MFU above is " \
+               "against the measured matmul peak"
+    return (f"MFU {out['mfu_dense_bf16']:.1%} of the {out['peak_dense_bf16_part']} dense bf16 peak "
+            f"({out['peak_dense_bf16'] / 1e12:.0f} TFLOP/s)")
+
+
+def side_by_side(args: argparse.Namespace, single: dict) -> dict:
+    """Run ``args.processes`` copies of this measurement at once (``--child``) and add up their speeds."""
+    n = args.processes or default_processes(args)
+    dims = ("n_layer", "n_head", "d_model", "seq_len", "batch_size", "vocab_size", "steps", "rounds")
+    threads = args.threads or (scheduler.threads_per_worker(os.cpu_count() or 1, n)
+                               if args.device.startswith("cuda") else 1)  # as the runner's processes
+    cmd = [sys.executable, __file__, "--child", "--device", args.device, "--precision", args.precision,
+           "--malloc", args.malloc, "--threads", str(threads), *["--compile"] * args.compile]
+    cmd += [a for k in dims for a in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    each = [json.loads(p.communicate()[0].strip().splitlines()[-1])["tokens_per_s_median"] for p in procs]
+    out = {"processes": n, "threads_each": threads, "tokens_per_s": sum(each), "tokens_per_s_each": each,
+           "flops_per_s": sum(each) * single["flops_per_token"]}
+    if single.get("peak_dense_bf16"):
+        out["mfu_dense_bf16"] = mfu(out["tokens_per_s"], single["flops_per_token"], single["peak_dense_bf16"])
+    return out
+
+
+def default_processes(args: argparse.Namespace) -> int:
+    """As many as ``cptlab batch`` would train side by side: ``runner.default_workers`` for the scale."""
+    from cptlab.analysis.results import experiment_runs
+    from cptlab.study import runner
+
+    runs = [r for g in experiment_runs(args.scale or "small", args.device).values() for r in g]
+    return runner.default_workers(args.device, runs)
 
 
 if __name__ == "__main__":

@@ -26,22 +26,23 @@ def notebook_parameters(path: Path) -> dict[str, Any]:
 
 def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device: str = "auto",
               out: str | Path = "runs/batch", params: dict[str, Any] | None = None,
-              prefetch: bool = True) -> int:
+              prefetch: bool = True, workers: int | None = None, deadline: float | None = None) -> int:
     """Run each notebook (all in ``notebooks/`` by default) into ``out``; a notebook that takes
     ``shift`` runs once per shift. A failing notebook is saved with its error and the rest still run;
     returns 0 when all succeeded, 1 otherwise.
 
-    With every notebook and ``prefetch``, the runs of all experiments are trained first in one go, so
-    the CPU's cores stay busy across notebooks; the notebooks then find their runs in the store."""
-    from cptlab.config import ConfigError
-    from cptlab.study.scales import get_scale
+    With every notebook and ``prefetch``, the runs of all experiments are trained first in one go
+    (``workers`` side by side, default ``runner.default_workers``), so the CPU's cores or the GPU stay
+    busy across notebooks; the notebooks then find their runs in the store, and ``out`` gets
+    runs_summary.md and runs_summary.json. ``deadline``: seconds from now after which no run starts
+    (the runs still training are stopped and the experiments' priority, ``scheduler.PRIORITY``, decides
+    which start first); the notebooks and the report then use the runs that finished."""
+    from cptlab.study.runner import DEADLINE_ENV
     from cptlab.training.store import runs_root
 
-    try:
-        get_scale(scale)
-    except ValueError as exc:  # before any notebook runs
-        raise ConfigError(f"--{exc}") from None
-
+    _check_options(scale, workers, deadline)
+    if deadline is not None:  # the notebooks' kernels start no run after it either
+        os.environ[DEADLINE_ENV] = str(time.time() + deadline)
     # The kernels run in notebooks/: give them (and the report) the run store as an absolute path.
     os.environ["CPTLAB_RUNS"] = str(runs_root())
     out = Path(out).resolve()
@@ -50,7 +51,7 @@ def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device
     failed = []
     total_start = time.perf_counter()
     if not notebooks and prefetch:
-        failed += _prefetch(scale, device)
+        failed += _prefetch(scale, device, out, workers, deadline)
     for path in paths:
         defaults = notebook_parameters(path)
         shifts = ["weak", "strong"] if "shift" in defaults and "shift" not in (params or {}) else [None]
@@ -70,9 +71,26 @@ def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device
     except Exception as exc:  # noqa: BLE001 - reported; the notebooks' results are kept
         failed.append("report")
         print(f"[batch] report: FAILED ({type(exc).__name__}: {exc})", flush=True)
+    if deadline is not None:
+        os.environ.pop(DEADLINE_ENV, None)
     if failed:
         print(f"[batch] failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _check_options(scale: str, workers: int | None, deadline: float | None) -> None:
+    """A one-line ConfigError naming the option, before any notebook runs."""
+    from cptlab.config import ConfigError
+    from cptlab.study.scales import get_scale
+
+    try:
+        get_scale(scale)
+    except ValueError as exc:
+        raise ConfigError(f"--{exc}") from None
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers: must be >= 1, got {workers}")
+    if deadline is not None and not deadline > 0:
+        raise ConfigError(f"--deadline: must be > 0 seconds, got {deadline:g}")
 
 
 def _execute(path: Path, executed: Path, parameters: dict[str, Any]) -> bool:
@@ -92,10 +110,12 @@ def _execute(path: Path, executed: Path, parameters: dict[str, Any]) -> bool:
     return status == "ok"
 
 
-def _prefetch(scale: str, device: str) -> list[str]:
-    """Train every experiment's runs of ``scale`` side by side; the failed ones' names (else [])."""
+def _prefetch(scale: str, device: str, out: Path, workers: int | None = None,
+              deadline: float | None = None) -> list[str]:
+    """Train every experiment's runs of ``scale`` side by side, with the runs summary in ``out``; the
+    failed ones' names (else [])."""
     from cptlab.analysis.results import experiment_runs
-    from cptlab.study import runner
+    from cptlab.study import runner, scheduler
     from cptlab.study.scales import SCALES
 
     if scale not in SCALES:
@@ -104,7 +124,8 @@ def _prefetch(scale: str, device: str) -> list[str]:
     start = time.perf_counter()
     print(f"[batch] training the runs of every experiment at scale {scale} ...", flush=True)
     try:
-        runner.run_all(runs, log=lambda line: print(line, flush=True))
+        runner.run_all(runs, workers=workers, log=lambda line: print(line, flush=True), summary=out,
+                       order=scheduler.PRIORITY if deadline is not None else None)
     except RuntimeError as exc:
         print(f"[batch] runs: FAILED ({exc})", flush=True)
         return ["runs"]

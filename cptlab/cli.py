@@ -40,7 +40,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     from cptlab.batch import run_batch
 
     params = {name: value for name, value in (args.param or [])}
-    return run_batch(args.notebooks, scale=args.scale, device=args.device, out=args.out, params=params)
+    return run_batch(args.notebooks, scale=args.scale, device=args.device, out=args.out, params=params,
+                     workers=args.workers, deadline=args.deadline)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -117,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/batch")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="extra notebook parameter")
+    p.add_argument("--workers", type=int, default=None,
+                   help="runs trained side by side (default: 2 on a CPU, from free memory on a GPU)")
+    p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                   help="no run starts that would not finish within SECONDS of the start; the runs still "
+                        "training then are stopped; the notebooks and report use what finished")
     p.set_defaults(func=_cmd_batch)
 
     _add_model_commands(sub)

@@ -1,23 +1,31 @@
 """Train a set of runs through the run store: skip finished ones, resume unfinished ones, train the
-runs another depends on first, and use both cores of a laptop by running two single-thread trainings
-side by side (faster in total than one two-thread training of a small model)."""
+runs another depends on first, several side by side as subprocesses (two single-thread trainings on a
+laptop's two cores, faster in total than one two-thread training of a small model; on a GPU as many as
+its memory holds, see ``scheduler.workers_for_memory``), optionally within a deadline, with a summary of
+what became of every run (``scheduler.write_summary``)."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
+from cptlab.study import scheduler
 from cptlab.study.experiments import Run
+from cptlab.study.scheduler import LATE, NEEDS_FAILED, NEEDS_UNDONE, RunRecord
 from cptlab.training import runtime
 from cptlab.training.rundir import RunDir
 from cptlab.training.store import RunStore
 
 Log = Callable[[str], None]
+DEADLINE_ENV = "CPTLAB_DEADLINE_AT"  # a deadline as a Unix time, for run_all calls without one (notebooks)
+STOP_GRACE_S = 60.0  # seconds a trainer has to exit after SIGINT at the deadline before it is killed
 
 
 def as_store(root: str | Path | RunStore | None) -> RunStore:
@@ -74,128 +82,233 @@ def _critical_paths(runs: list[Run]) -> dict[str, int]:
     return paths
 
 
-def default_workers(device: str = "auto") -> int:
-    """Two side-by-side processes on a CPU with at least two cores, else one."""
+def _on_cuda(device: str) -> bool:
+    import torch
+
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+
+
+def default_workers(device: str = "auto", runs: list[Run] | None = None) -> int:
+    """Two side-by-side processes on a CPU with at least two cores, else one; on CUDA as many as the
+    GPU's free memory holds of the largest of ``runs`` (``scheduler.workers_for_memory``; 1 without runs);
+    one on MPS."""
     import torch
 
     on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available()
                                  and not torch.backends.mps.is_available())
-    return 2 if on_cpu and (os.cpu_count() or 1) >= 2 else 1
+    if on_cpu:
+        return 2 if (os.cpu_count() or 1) >= 2 else 1
+    if not _on_cuda(device) or not runs or not torch.cuda.is_available():
+        return 1
+    index = int(device.split(":")[1]) if ":" in device else 0
+    free, _ = torch.cuda.mem_get_info(index)
+    per_run = max(scheduler.run_memory_bytes(r.config) for r in runs)
+    return scheduler.workers_for_memory(free, per_run, os.cpu_count() or 1)
+
+
+def _deadline_at(deadline: float | None) -> float | None:
+    """The deadline on the ``time.monotonic`` clock: ``deadline`` seconds from now, else the Unix time in
+    ``$CPTLAB_DEADLINE_AT`` (set by ``cptlab batch --deadline`` for its notebooks), else None."""
+    if deadline is not None:
+        if not deadline > 0:
+            raise ValueError(f"--deadline: must be > 0 seconds, got {deadline:g}")
+        return time.monotonic() + deadline
+    if os.environ.get(DEADLINE_ENV):
+        return time.monotonic() + float(os.environ[DEADLINE_ENV]) - time.time()
+    return None
 
 
 def run_all(runs: list[Run], root: str | Path | RunStore | None = None, workers: int | None = None,
-            quiet: bool = True, log: Log = print) -> dict[str, Path]:
+            quiet: bool = True, log: Log = print, *, deadline: float | None = None,
+            order: tuple[str, ...] | None = None, summary: str | Path | None = None) -> dict[str, Path]:
     """Train every run not finished yet (and the runs they start from) in the run store ``root`` (default
     ``runs_root()``); return run_id -> DIR.
 
     ``workers=1`` trains in this process, one run after another; more trains up to ``workers`` runs side
-    by side in subprocesses, each on one thread with glibc malloc tuned. A failed run is reported and the
-    others go on; an error listing the failed runs is raised at the end."""
+    by side in subprocesses (default ``default_workers``), each as soon as the runs it starts from are done,
+    longest chains first (the experiments of ``order`` before the others, see ``scheduler.PRIORITY``).
+    ``deadline``: seconds from now; a run that would not finish by then at the speed measured so far is not
+    started, and the runs still training then are stopped. ``summary``: a folder to write runs_summary.md
+    and runs_summary.json into. A failed run is reported and the others go on; an error listing the failed
+    runs (not those the deadline stopped) is raised at the end."""
+    records, meta = train_runs(runs, root, workers, quiet, log, deadline=deadline, order=order)
+    if summary is not None:
+        paths = scheduler.write_summary(records, summary, meta)
+        if any(r.status != "already done" for r in records):
+            log(f"[runs] summary: {paths[0]}")
+    failed = {r.run_id: r.error for r in records
+              if r.status == "failed" or r.error in (NEEDS_FAILED, NEEDS_UNDONE)}
+    if failed:
+        lines = "\n".join(f"  {rid}: {why}" for rid, why in failed.items())
+        raise RuntimeError(f"{len(failed)} runs failed:\n{lines}")
+    store = as_store(root)
+    return {r.run_id: run_dir(r, store) for r in _closure(runs, store)}
+
+
+def train_runs(runs: list[Run], root: str | Path | RunStore | None = None, workers: int | None = None,
+               quiet: bool = True, log: Log = print, *, deadline: float | None = None,
+               order: tuple[str, ...] | None = None) -> tuple[list[RunRecord], dict]:
+    """``run_all``'s work without its error: the summary's rows (every run and the runs they start from,
+    needs first) and its header (device, workers, deadline, seconds and tokens/s of the whole)."""
     store = as_store(root)
     todo = _closure(runs, store)
+    started, deadline_at = time.monotonic(), _deadline_at(deadline)
+    device = todo[0].config.train.device if todo else "auto"
     pending = [r for r in todo if not is_done(r, store)]
     if workers is None:
-        workers = default_workers(todo[0].config.train.device if todo else "auto")
+        workers = default_workers(device, pending)
+    if workers < 1:
+        raise ValueError(f"--workers: must be >= 1, got {workers}")
+    tracker = scheduler.Tracker(todo, pending, store, log, deadline_at)
     if pending:
         log(f"[runs] {len(todo) - len(pending)} of {len(todo)} runs already done; training {len(pending)} "
-            f"with {workers} worker{'s' * (workers > 1)}")
-    started = time.perf_counter()
-    progress = _Progress(len(pending), log)
+            f"with {workers} worker{'s' * (workers > 1)}"
+            + (f", deadline in {deadline_at - time.monotonic():.0f}s" if deadline_at is not None else ""))
     if workers <= 1:
-        _train_one_by_one(pending, store, quiet, progress)
+        _train_one_by_one(pending, store, quiet, tracker, order)
     else:
-        _train_side_by_side(pending, store, workers, progress)
+        threads = scheduler.threads_per_worker(os.cpu_count() or 1, workers) if _on_cuda(device) else 1
+        _train_side_by_side(pending, store, workers, tracker, order, threads)
+    seconds = time.monotonic() - started
+    trained = sum(r.tokens_trained for r in tracker.records.values() if r.status != "already done")
     if pending:
-        log(f"[runs] trained {progress.done} runs in {time.perf_counter() - started:.0f}s")
-    if progress.failed:
-        lines = "\n".join(f"  {rid}: {why}" for rid, why in progress.failed.items())
-        raise RuntimeError(f"{len(progress.failed)} runs failed:\n{lines}")
-    return {r.run_id: run_dir(r, store) for r in todo}
+        log(f"[runs] trained {tracker.done} runs in {seconds:.0f}s ({trained / max(seconds, 1e-9):,.0f} "
+            f"tokens/s in all)")
+    meta = {"device": device, "workers": workers,
+            "deadline_s": None if deadline_at is None else round(deadline_at - started, 1),
+            "order": ",".join(order) if order else "longest chains first", "train_s": round(seconds, 1),
+            "tokens_trained": trained, "tokens_per_s": round(trained / max(seconds, 1e-9))}
+    return [tracker.records[r.run_id] for r in todo], meta
 
 
-class _Progress:
-    """Runs finished and failed so far, with a log line per finished run."""
-
-    def __init__(self, total: int, log: Log):
-        self.total, self.done, self.log = total, 0, log
-        self.failed: dict[str, str] = {}
-
-    def finished(self, run: Run, seconds: float) -> None:
-        self.done += 1
-        self.log(f"[runs] {self.done}/{self.total} {run.experiment}/{run.name} in {seconds:.0f}s")
-
-
-def _train_one_by_one(pending: list[Run], store: RunStore, quiet: bool, progress: _Progress) -> None:
-    """Train ``pending`` in this process, in order (needs come first)."""
+def _train_one_by_one(pending: list[Run], store: RunStore, quiet: bool, tracker: scheduler.Tracker,
+                      order: tuple[str, ...] | None) -> None:
+    """Train ``pending`` in this process, one after another: in the given order (needs come first), or by
+    ``order``'s priority, each run once the runs it starts from are done."""
     from cptlab.training.train import train
 
-    for run in pending:
-        if not all(is_done(n, store) for n in run.needs):
-            progress.failed[run.run_id] = "a run it starts from failed"
+    waiting = list(pending)
+    if order is not None:
+        waiting = scheduler.start_order(pending, _critical_paths(pending), order)
+    stop = tracker.past_deadline if tracker.deadline_at is not None else None
+    while waiting:
+        run = next((r for r in waiting if tracker.blocked(r) or all(is_done(n, store) for n in r.needs)),
+                   None)
+        if run is None:
+            break
+        waiting.remove(run)
+        late = tracker.past_deadline() or not tracker.may_start(run)
+        why = tracker.blocked(run) or (LATE if late else None)
+        if why:
+            tracker.not_started(run, why)
             continue
         write_labels(run, store)
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         try:
-            train(run.config, run_dir(run, store), quiet=quiet, runs_root=store.root)
+            result = train(run.config, run_dir(run, store), quiet=quiet, runs_root=store.root, stop=stop)
         except Exception as exc:  # noqa: BLE001 - reported below, the other runs go on
-            progress.failed[run.run_id] = f"{type(exc).__name__}: {exc}"
+            tracker.finished(run, time.monotonic() - t0, f"{type(exc).__name__}: {exc}")
             continue
-        progress.finished(run, time.perf_counter() - t0)
+        tracker.finished(run, time.monotonic() - t0, stopped=result.status != "done")
+    for run in waiting:
+        tracker.not_started(run, NEEDS_UNDONE)
 
 
-def _train_side_by_side(pending: list[Run], store: RunStore, workers: int, progress: _Progress) -> None:
+def _train_side_by_side(pending: list[Run], store: RunStore, workers: int, tracker: scheduler.Tracker,
+                        order: tuple[str, ...] | None, threads: int) -> None:
     """Train ``pending`` in subprocesses, ``workers`` at a time, each as soon as its needs are done,
-    longest chains first."""
-    # One thread per run, `workers` runs side by side: two single-thread trainings of a small model beat one
-    # two-thread training, and one thread per core stays fast when the machine is busy (OpenMP threads that
-    # wait for a core that is taken slow a step down many times).
-    failed = progress.failed
+    longest chains first; at the deadline, stop the ones still training."""
+    # One thread per run on a CPU, `workers` runs side by side: two single-thread trainings of a small model
+    # beat one two-thread training, and one thread per core stays fast when the machine is busy (OpenMP
+    # threads that wait for a core that is taken slow a step down many times).
     running: dict[Future, tuple[Run, float]] = {}
-    paths = _critical_paths(pending)
-    waiting = sorted(pending, key=lambda r: -paths[r.run_id])  # stable: ties keep the given order
+    procs = _Processes()
+    waiting = scheduler.start_order(pending, _critical_paths(pending), order)  # stable: ties keep the order
     with ThreadPoolExecutor(workers) as pool:
         while waiting or running:
-            for run in [r for r in waiting if any(n.run_id in failed for n in r.needs)]:
+            for run in [r for r in waiting if tracker.blocked(r)]:
                 waiting.remove(run)
-                failed[run.run_id] = "a run it starts from failed"
-            ready = [r for r in waiting if all(is_done(n, store) for n in r.needs)]
-            for run in ready[: workers - len(running)]:
-                waiting.remove(run)
-                write_labels(run, store)
-                running[pool.submit(_train_subprocess, run, store)] = (run, time.perf_counter())
-            if not running:
-                for run in waiting:  # nothing can start: a run they start from is not done
-                    failed[run.run_id] = "a run it starts from is not done"
+                tracker.not_started(run, tracker.blocked(run))
+            for run in [r for r in waiting if all(is_done(n, store) for n in r.needs)]:
+                if len(running) >= workers or tracker.past_deadline():
+                    break
+                if tracker.may_start(run):
+                    waiting.remove(run)
+                    write_labels(run, store)
+                    fut = pool.submit(_train_subprocess, run, store, threads, procs)
+                    running[fut] = (run, time.monotonic())
+            if not running:  # nothing can start: a run they start from is not done, or no time is left
                 break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            left = None if tracker.deadline_at is None else max(0.0, tracker.deadline_at - time.monotonic())
+            finished, _ = wait(running, timeout=left, return_when=FIRST_COMPLETED)
+            if not finished:  # the deadline: SIGINT (the trainer exits, resumable), then kill
+                procs.signal_all(signal.SIGINT)
+                if wait(running, timeout=STOP_GRACE_S).not_done:
+                    procs.signal_all(signal.SIGKILL)
+                finished = set(wait(running).done)
             for fut in finished:
                 run, t0 = running.pop(fut)
-                error = fut.result()
-                if error:
-                    failed[run.run_id] = error
-                else:
-                    progress.finished(run, time.perf_counter() - t0)
+                tracker.finished(run, time.monotonic() - t0, fut.result(), stopped=procs.stopping)
+    for run in waiting:
+        tracker.not_started(run, LATE if tracker.deadline_at is not None else NEEDS_UNDONE)
 
 
-def train_command(run: Run, root: str | Path | RunStore | None = None) -> tuple[list[str], dict[str, str]]:
+class _Processes:
+    """The training subprocesses running now, so that the deadline can stop them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.stopping = False
+
+    def start(self, run_id: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen | None:
+        with self.lock:  # none starts once the deadline's stop began
+            if self.stopping:
+                return None
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self.procs[run_id] = proc
+            return proc
+
+    def end(self, run_id: str) -> None:
+        with self.lock:
+            self.procs.pop(run_id, None)
+
+    def signal_all(self, sig: int) -> None:
+        with self.lock:
+            self.stopping = True
+            for proc in self.procs.values():
+                if proc.poll() is None:
+                    proc.send_signal(sig)
+
+
+def train_command(run: Run, root: str | Path | RunStore | None = None,
+                  threads: int = 1) -> tuple[list[str], dict[str, str]]:
     """Save the run's ``run.yaml`` and return the command and environment that train it in a subprocess:
-    ``python -m cptlab train`` on one thread with glibc malloc tuned."""
+    ``python -m cptlab train`` on ``threads`` threads (OMP_NUM_THREADS; the run's config, and so its
+    identity, stays the same) with glibc malloc tuned."""
     store = as_store(root)
     out = run_dir(run, store)
     out.mkdir(parents=True, exist_ok=True)
     config = out / "run.yaml"
     run.config.save(config)
-    env = runtime.malloc_subprocess_env(dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+    env = runtime.malloc_subprocess_env(dict(os.environ, OMP_NUM_THREADS=str(threads),
+                                             MKL_NUM_THREADS=str(threads)))
     cmd = [sys.executable, "-m", "cptlab", "train", str(config), "--out", str(out), "--runs", str(store.root),
            "--quiet"]
     return cmd, env
 
 
-def _train_subprocess(run: Run, store: RunStore) -> str | None:
+def _train_subprocess(run: Run, store: RunStore, threads: int, procs: _Processes) -> str | None:
     """Train ``run`` with ``train_command``; None on success, else the error."""
-    cmd, env = train_command(run, store)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    cmd, env = train_command(run, store, threads)
+    proc = procs.start(run.run_id, cmd, env)
+    if proc is None:
+        return "stopped at the deadline before it started"
+    try:
+        _, stderr = proc.communicate()
+    finally:
+        procs.end(run.run_id)
     if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        tail = "\n".join(stderr.strip().splitlines()[-5:])
         return f"exit {proc.returncode}: {tail}"
     return None
