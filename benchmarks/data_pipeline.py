@@ -1,6 +1,7 @@
 """Data pipeline benchmark: tokenisation throughput, cache hits, batch sampling rate, memory while sampling.
 
     .venv/bin/python benchmarks/data_pipeline.py [--quick]
+    .venv/bin/python benchmarks/data_pipeline.py --pack docs   # the docs pack (`cptlab corpora fetch docs`)
 
 Uses the shipped corpora when they are built (synthetic text otherwise) and a fresh temporary cache,
 so "from scratch" really is from scratch. Prints figures; never fails on timing.
@@ -128,13 +129,52 @@ def memory(tmp: Path, quick: bool) -> None:
         path.unlink()
 
 
+def pack(tmp: Path) -> None:
+    """Tokenise the built docs pack from scratch with the BPE 8192 of the shipped corpora; time, tokens/s,
+    peak RSS of this process and of its tokenising processes."""
+    import resource
+
+    from cptlab.data import cache_root, packs
+
+    real = cache_root()
+    if packs.verified(real, packs.PACKS["docs"]) is None:
+        sys.exit(f"the docs pack is not built in {real}: run `cptlab corpora fetch docs`")
+    cache = tmp / "cache"
+    cache.mkdir()
+    (cache / "packs").symlink_to(real / "packs")  # the pack's text; its shards are built afresh under tmp
+    bpe = load_tokenizer(TokenizerConfig(kind="bpe", vocab_size=8192), Registry(cache_dir=str(real)))
+    registry = Registry(cache_dir=str(cache), include_shipped=False)
+    print(f"\n== tokenising the docs pack (BPE 8192, fresh shard cache, {os.cpu_count()} cpus) ==")
+    start = time.perf_counter()
+    total = 0
+    for name in packs.CORPORA:
+        t0 = time.perf_counter()
+        meta = shard_meta(name, bpe, registry, cache)
+        tokens = meta["tokens"]["train"] + meta["tokens"]["val"]
+        total += tokens
+        dt = time.perf_counter() - t0
+        print(f"{name:14s} {sum(meta['characters'].values()) / 1e6:7.1f} M chars -> {tokens / 1e6:6.2f} M "
+              f"tokens (train {meta['tokens']['train'] / 1e6:.2f} M) in {dt:6.1f} s = "
+              f"{tokens / dt / 1e3:6.0f}k tokens/s")
+    dt = time.perf_counter() - start
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"whole pack: {total / 1e6:.1f} M tokens in {dt:.1f} s = {total / dt / 1e3:.0f}k tokens/s; "
+          f"peak RSS {own:.0f} MB (this process), {children:.0f} MB (largest tokenising process)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer batches and smaller synthetic corpora")
+    p.add_argument("--pack", choices=["docs"], help="only tokenise a built corpus pack")
     p.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rss_child:
         rss_child(args.rss_child[0], int(args.rss_child[1]), int(args.rss_child[2]))
+        return
+    if args.pack:
+        with tempfile.TemporaryDirectory(prefix="cptlab-bench-") as tmp:
+            pack(Path(tmp))
         return
     with tempfile.TemporaryDirectory(prefix="cptlab-bench-") as tmp:
         cache = str(Path(tmp) / "cache")

@@ -28,11 +28,32 @@ def _cmd_corpora(args: argparse.Namespace) -> int:
     from cptlab import data
     from cptlab.config import RunConfig, TokenizerConfig
 
+    if args.action:
+        return _fetch_pack(args)
     user = RunConfig.load(args.config).corpora if args.config else {}
     registry = data.Registry(user)
     tok_cfg = TokenizerConfig(kind=args.tokenizer, vocab_size=args.vocab_size)
     tokenizer = data.load_tokenizer(tok_cfg, registry)
-    data.print_corpora_table(registry, tokenizer)
+    data.print_corpora_table(registry, tokenizer, as_json=args.json)
+    return 0
+
+
+def _fetch_pack(args: argparse.Namespace) -> int:
+    """``cptlab corpora fetch PACK``: build a corpus pack into the cache (see cptlab.data.packs)."""
+    import time
+    from pathlib import Path
+
+    from cptlab.data import packs
+    from cptlab.data.corpus import cache_root
+
+    if len(args.action) != 2 or args.action[0] != "fetch":
+        print(f"cptlab corpora: expected `fetch PACK` (PACK one of: {', '.join(packs.PACKS)}), got "
+              f"{' '.join(args.action)!r}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    packs.fetch(args.action[1], cache_root(), workers=args.workers, rebuild=args.rebuild,
+                debs=Path(args.debs) if args.debs else None)
+    print(f"took {time.perf_counter() - start:.1f} s")
     return 0
 
 
@@ -105,10 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("corpora", help="list the corpora with their sizes in tokens")
+    p = sub.add_parser("corpora", help="list the corpora with their sizes in tokens; `fetch docs` builds the "
+                                       "docs pack")
+    p.add_argument("action", nargs="*", metavar="fetch PACK",
+                   help="`fetch docs`: build the docs pack into the cache (Debian packages, apt-get)")
     p.add_argument("--config", help="a run config whose user corpora to include")
     p.add_argument("--tokenizer", default="bpe", choices=["bpe", "byte"])
     p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--json", action="store_true", help="one JSON object per corpus")
+    p.add_argument("--workers", type=int, default=None, help="fetch: extracting processes (default: cores)")
+    p.add_argument("--rebuild", action="store_true",
+                   help="fetch: build again and check the files are byte-identical to the recorded ones")
+    p.add_argument("--debs", help="fetch: a folder of .deb files to use (and download into)")
     p.set_defaults(func=_cmd_corpora)
 
     p = sub.add_parser("batch", help="execute notebooks with papermill")

@@ -470,6 +470,9 @@ def _check_choice(key: str, value: Any, allowed: tuple[str, ...], what: str = ""
 
 
 def _check_corpus(key: str, name: str, known: set[str] | None) -> None:
+    if known is not None and name not in known and name.startswith("docs-"):
+        raise ConfigError(f"{key}: corpus {name!r} is not built (or not a docs pack corpus): "
+                          "run `cptlab corpora fetch docs`")
     if known is not None and name not in known:
         raise ConfigError(f"{key}: unknown corpus {name!r}; known corpora: {', '.join(sorted(known))}")
 

@@ -37,18 +37,25 @@ xz is written with a fixed preset. Two builds on the same machine give identical
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
-import lzma
 import multiprocessing
 import os
-import re
 import subprocess
 import sys
 import time
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
+
+# The cleaning and rendering rules live in the library, shared with the docs pack (cptlab.data.packs).
+from cptlab.data.extract import (  # noqa: F401 - XZ_PRESET, SEPARATOR: the format's constants, named here too
+    RENDER_ENV,
+    SEPARATOR,
+    XZ_PRESET,
+    clean_text,
+    compress,
+    is_so_redirect,
+    render_man,
+)
 
 MAN_ROOT = Path("/usr/share/man")
 DE_MAN_ROOT = MAN_ROOT / "de"
@@ -64,24 +71,7 @@ DOCS_MAX_CHARS = 100_000  # longer documents (cmake-modules.7 has 700k character
 DOCS_MAN_SECTIONS = ("man1", "man4", "man5", "man7", "man8")  # sections 2 and 3 are the C API (manpages-dev)
 DOCS_EXCLUDED_PACKAGES = ("google-cloud-cli",)  # ~16,600 generated pages of one command
 MAX_XZ_BYTES = 3_000_000
-XZ_PRESET = 9
-SEPARATOR = "\n\x1e\n"
-RENDER_ENV = {
-    "PATH": "/usr/bin:/bin",
-    "LC_ALL": "C.UTF-8",
-    "LANG": "C.UTF-8",
-    "MANWIDTH": "80",
-    "MANPAGER": "cat",
-    "PAGER": "cat",
-}
 BUILD_COMMAND = "python scripts/build_corpora.py --out cptlab/data/corpora"
-
-# Words after which a line-final hyphen is a suspended compound ("Ein- und Aushängen", "pre- and post-").
-SUSPENDED_HYPHEN_FOLLOWERS = {"und", "oder", "bzw", "sowie", "and", "or", "nor"}
-_CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f\u00ad]")
-_HYPHEN_BREAK = re.compile(r"(?<=[^\W\d_])([-\u2010])\n[ ]*(?=([^\W\d_]+))")
-_BLANK_RUNS = re.compile(r"\n{3,}")
-
 
 @dataclass(frozen=True)
 class Source:
@@ -108,73 +98,7 @@ class Corpus:
         return SEPARATOR.join(f"# {src.doc_id}\n{body}" for src, body in self.documents)
 
 
-# ----------------------------------------------------------------------------- cleaning
-
-
-def _join_hyphen(match: re.Match[str]) -> str:
-    """Join a word broken after its hyphen; keep a space after suspended compounds ("Ein- und")."""
-    following = match.group(2).lower()
-    return match.group(1) + (" " if following in SUSPENDED_HYPHEN_FOLLOWERS else "")
-
-
-def _indent(line: str) -> int:
-    return len(line) - len(line.lstrip(" "))
-
-
-def _dedent_block(block: list[str]) -> list[str]:
-    """Remove the indentation common to all lines of a block."""
-    width = min(_indent(line) for line in block)
-    return [line[width:] for line in block]
-
-
-def _dedent_paragraphs(lines: list[str]) -> list[str]:
-    """Remove from each paragraph (run of non-blank lines) the indentation common to all its lines.
-
-    A paragraph whose first line is unindented and whose other lines are all indented is a heading over
-    its body (as man renders `NAME` over `       ls - list ...`): the body is dedented on its own.
-    """
-    out: list[str] = []
-    block: list[str] = []
-    for line in [*lines, ""]:
-        if line:
-            block.append(line)
-            continue
-        if len(block) > 1 and _indent(block[0]) == 0 and all(_indent(b) > 0 for b in block[1:]):
-            out += [block[0], *_dedent_block(block[1:])]
-        elif block:
-            out += _dedent_block(block)
-        block = []
-        out.append("")
-    return out[:-1]
-
-
-def clean_text(text: str) -> str:
-    """Clean one document; the same rules apply to every corpus (see SOURCES.md)."""
-    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
-    text = _CONTROL_CHARS.sub("", text)
-    lines = [line.expandtabs(8).rstrip() for line in text.split("\n")]
-    text = _HYPHEN_BREAK.sub(_join_hyphen, "\n".join(lines))
-    text = "\n".join(_dedent_paragraphs(text.split("\n")))
-    return _BLANK_RUNS.sub("\n\n", text).strip("\n")
-
-
 # ----------------------------------------------------------------------------- inputs
-
-
-def _is_so_redirect(path: Path) -> bool:
-    """True when a man page's first request (after comments) is `.so`: it is an alias of another page."""
-    data = _read_man_source(path)
-    for line in data.splitlines():
-        stripped = line.strip()
-        if not stripped or stripped.startswith(('.\\"', "'\\\"")):
-            continue
-        return stripped.startswith(".so ")
-    return False
-
-
-def _read_man_source(path: Path) -> str:
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    return raw.decode("utf-8", errors="replace")
 
 
 def _man_id(path: Path) -> str:
@@ -201,7 +125,7 @@ def _real_man_pages(owners: dict[Path, str], package: str | None = None) -> list
     for path, owner in owners.items():
         if package is not None and owner != package:
             continue
-        if path.is_symlink() or not path.is_file() or _is_so_redirect(path):
+        if path.is_symlink() or not path.is_file() or is_so_redirect(path):
             continue
         pages.append(path)
     return sorted(pages)
@@ -218,7 +142,7 @@ def en_man_candidates(de_sources: list[Source]) -> tuple[list[Source], list[Sour
     translated: list[Source] = []
     for de in de_sources:
         path = MAN_ROOT / de.path.relative_to(DE_MAN_ROOT)
-        if path in owners and not path.is_symlink() and path.is_file() and not _is_so_redirect(path):
+        if path in owners and not path.is_symlink() and path.is_file() and not is_so_redirect(path):
             translated.append(Source(_man_id(path), path, owners[path], "man"))
     taken = {src.path for src in translated}
     fill = [
@@ -271,26 +195,6 @@ def pydoc_sources() -> list[Source]:
 # ----------------------------------------------------------------------------- rendering
 
 
-def _strip_header_footer(lines: list[str]) -> list[str]:
-    """Drop man's running header (first non-blank line) and footer (last non-blank line)."""
-    idx = [i for i, line in enumerate(lines) if line.strip()]
-    if len(idx) >= 2 and lines[idx[0]].rstrip().endswith(")"):  # "LS(1)   User Commands   LS(1)"
-        return lines[idx[0] + 1 : idx[-1]]
-    return lines
-
-
-def render_man(path: Path) -> str:
-    """Render one man page to plain text: `man --nh --nj -l FILE | col -bx`, fixed width and locale."""
-    man = subprocess.run(
-        ["man", "--nh", "--nj", "-l", str(path)], capture_output=True, env=RENDER_ENV, check=False
-    )
-    col = subprocess.run(
-        ["col", "-bx"], input=man.stdout, capture_output=True, env=RENDER_ENV, check=True
-    )
-    text = col.stdout.decode("utf-8", errors="replace")
-    return "\n".join(_strip_header_footer(text.split("\n")))
-
-
 def load_document(source: Source) -> str:
     """Raw text of a source (rendered for man pages), cleaned."""
     if source.kind == "man":
@@ -330,11 +234,6 @@ def add_documents(
         seen.add(digest)
         corpus.documents.append((src, body))
         size += len(f"# {src.doc_id}\n{body}".encode()) + (len(SEPARATOR) if len(corpus.documents) > 1 else 0)
-
-
-def compress(text: str) -> bytes:
-    data = text.encode("utf-8")
-    return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=XZ_PRESET)
 
 
 def compress_with_cap(corpus: Corpus) -> None:

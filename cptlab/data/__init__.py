@@ -1,7 +1,8 @@
 """The data layer's public API: corpora, tokenizers, tokenised shards and the replay batch sampler.
 
-The pieces live in ``corpus`` (registry, user data, train/validation split), ``tokenizer``,
-``shards`` (tokenised memmaps, the corpora table) and ``sampler`` (compute-equivalent replay).
+The pieces live in ``corpus`` (registry, user data, train/validation split), ``packs`` (the docs pack, built
+from pinned Debian packages), ``extract`` (text out of documentation files), ``tokenizer``, ``shards``
+(tokenised memmaps, the corpora table) and ``sampler`` (compute-equivalent replay).
 """
 
 from cptlab.data.checks import DataError

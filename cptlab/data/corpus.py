@@ -30,11 +30,12 @@ from typing import Any
 
 import numpy as np
 
+from cptlab.data import packs
 from cptlab.data.checks import MISSING_TEXT, DataError, check_json_records, check_text
+from cptlab.data.extract import SEPARATOR
 
 # Bump when loading, cleaning or splitting changes: it invalidates every cached shard.
 DATA_VERSION = 1
-SEPARATOR = "\n\x1e\n"  # between documents of a shipped corpus (a line holding only ASCII RS)
 CORPORA_DIR = Path(__file__).parent / "corpora"
 
 SHIPPED: dict[str, dict[str, str]] = {
@@ -90,9 +91,13 @@ class Registry:
     def __init__(self, user: dict[str, dict[str, Any]] | None = None, cache_dir: str | None = None,
                  include_shipped: bool = True):
         self.cache_dir = cache_dir
+        self.include_shipped = include_shipped
         self.invalid_utf8: dict[str, int] = {}  # corpus -> invalid UTF-8 sequences replaced on load
         self._specs: dict[str, dict[str, Any]] = {
             name: {"shipped": True} for name in SHIPPED if include_shipped}
+        for name in packs.CORPORA:  # the docs pack's corpora, once `cptlab corpora fetch docs` built them
+            if self._pack_file(name).is_file():
+                self._specs[name] = {"pack": "docs"}
         self._files: dict[str, list[Path]] = {}
         for name, spec in (user or {}).items():
             self._add(str(name), spec)
@@ -102,6 +107,9 @@ class Registry:
         where = f"corpora.{name}"
         if name in SHIPPED:
             raise DataError(f"{where}: {name!r} is a shipped corpus; register yours under another name")
+        if name in packs.CORPORA:
+            raise DataError(f"{where}: {name!r} is a docs pack corpus ({packs.FETCH_HINT} builds it); "
+                            "register yours under another name")
         if not name or "/" in name:
             raise DataError(f"{where}: a corpus name must be non-empty and without '/'")
         if not isinstance(spec, dict):
@@ -151,8 +159,17 @@ class Registry:
     def names(self) -> list[str]:
         return list(self._specs)
 
+    def unbuilt(self) -> list[str]:
+        """The docs pack's corpora that are not built yet (``cptlab corpora fetch docs`` builds them)."""
+        return [name for name in packs.CORPORA if name not in self._specs and self.include_shipped]
+
+    def _pack_file(self, name: str) -> Path:
+        return packs.corpus_file(cache_root(self.cache_dir), name)
+
     def check(self, name: str) -> None:
         """Raise ``DataError`` listing the known corpora if ``name`` is not one of them."""
+        if name in packs.CORPORA and name not in self._specs:
+            raise DataError(f"corpus {name!r} is not built: {packs.FETCH_HINT}")
         if name not in self._specs:
             raise DataError(f"unknown corpus {name!r}; known corpora: {', '.join(self.names())}")
 
@@ -176,6 +193,8 @@ class Registry:
         if name in SHIPPED:
             return dict(name=name, **SHIPPED[name], source=str(CORPORA_DIR / f"{name}.txt.xz"))
         spec = self._specs[name]
+        if "pack" in spec:
+            return dict(name=name, **packs.CORPORA[name], source=str(self._pack_file(name)))
         source = spec.get("path") or "hf:" + "/".join(
             str(spec[k]) for k in ("hf", "config", "split") if spec.get(k))
         return dict(name=name, language=spec.get("language", "?"), domain=spec.get("domain", "user"),
@@ -187,6 +206,8 @@ class Registry:
         spec = self._specs[name]
         if name in SHIPPED:
             parts: Any = _file_sha256(_shipped_path(name))
+        elif "pack" in spec:
+            parts = _file_sha256(self._pack_file(name))
         elif "hf" in spec:
             parts = spec  # a hub dataset is taken as fixed; pin it with 'revision'
         else:
@@ -209,6 +230,8 @@ class Registry:
                             "the shard builder (cptlab.data.token_shard) through Registry.stream")
         if name in SHIPPED:
             ds = Dataset.from_dict({"text": read_shipped(_shipped_path(name))})
+        elif "pack" in spec:
+            ds = Dataset.from_dict({"text": read_shipped(self._pack_file(name))})
         elif "hf" in spec:
             ds = _load_dataset(spec["hf"], spec.get("config"), split=spec.get("split") or "train",
                                revision=spec.get("revision"), cache_dir=hf_cache)

@@ -38,7 +38,8 @@ from cptlab.files import atomic_write_text
 
 SHARD_VERSION = 1
 SPLITS = ("train", "val")
-PARALLEL_BYTES = 64 << 20  # tokenise with several processes above this much text
+PARALLEL_BYTES = 16 << 20  # tokenise with several processes above this much text (shipped corpora: below)
+MAX_PROCESSES = 16  # tokenising processes at most (one per core up to this)
 STREAM_VERSION = 1
 STREAM_BATCH_DOCS = 1024  # documents of a streamed corpus tokenised at a time
 STREAM_FLUSH_TOKENS = 1 << 24  # a streamed build records its progress after about this many tokens
@@ -132,7 +133,7 @@ def _build(name: str, tokenizer: Tokenizer, registry: Registry, folder: Path, ca
         features = Features({"ids": List(Value("uint32")), "key": Value("int64"), "chars": Value("int64")})
         mapped = docs.map(_encode, batched=True, batch_size=256, fn_kwargs={"tokenizer": tokenizer},
                           remove_columns=docs.column_names, features=features,
-                          num_proc=min(os.cpu_count() or 1, 8) if parallel else None,
+                          num_proc=min(os.cpu_count() or 1, MAX_PROCESSES) if parallel else None,
                           cache_file_name=str(tmp / "tokens.arrow"), new_fingerprint=tmp.name,
                           desc=f"tokenising {name}")
         keys = mapped.data.column("key").to_numpy()
@@ -328,13 +329,27 @@ def corpora_table(registry: Registry | None = None, tokenizer: Tokenizer | None 
 
 
 def print_corpora_table(registry: Registry | None = None, tokenizer: Tokenizer | None = None,
-                        cache_dir: str | os.PathLike | None = None, file: TextIO | None = None) -> None:
-    """Print ``corpora_table`` as aligned columns (what ``cptlab corpora`` shows)."""
+                        cache_dir: str | os.PathLike | None = None, file: TextIO | None = None,
+                        as_json: bool = False) -> None:
+    """Print ``corpora_table`` as aligned columns (what ``cptlab corpora`` shows), then a line naming the
+    docs pack's corpora that are not built; ``as_json``: one JSON object per corpus instead (the line about
+    unbuilt corpora goes to stderr)."""
+    registry = registry or Registry()
     rows = corpora_table(registry, tokenizer, cache_dir)
+    out = file or sys.stdout
+    unbuilt = registry.unbuilt()
+    note = f"not built: {', '.join(unbuilt)} (run `cptlab corpora fetch docs`)" if unbuilt else ""
+    if as_json:
+        for row in rows:
+            print(json.dumps(row), file=out)
+        if note:
+            print(note, file=sys.stderr)
+        return
     cells = [list(COLUMNS)] + [[f"{r[c]:,}" if isinstance(r[c], int) else str(r[c]) for c in COLUMNS]
                                for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
-    out = file or sys.stdout
     for row in cells:
         line = "  ".join(c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
         print(line.rstrip(), file=out)
+    if note:
+        print(note, file=out)
