@@ -3,6 +3,7 @@ trainer command), the runs summary, and ``cptlab batch --workers/--deadline`` re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -13,6 +14,7 @@ from cptlab import batch, cli
 from cptlab.config import ConfigError
 from cptlab.study import experiments as E
 from cptlab.study import runner, scheduler
+from cptlab.study.scales import get_scale
 from cptlab.training.store import RunStore
 
 GIB = 2**30
@@ -178,7 +180,9 @@ def test_dense_bf16_peak_and_mfu():
 
 
 def test_in_process_deadline_stops_the_run_resumably(tmp_path):
-    runs = [E.continual_run("replay", "weak-replay0.25", "weak", "smoke", replay=0.25)]
+    # a base model of 4M tokens cannot finish within the deadline, however warm the caches
+    scale = dataclasses.replace(get_scale("smoke"), base_tokens=4_000_000)
+    runs = [E.continual_run("replay", "weak-replay0.25", "weak", scale, replay=0.25)]
     records, meta = runner.train_runs(runs, tmp_path, workers=1, log=lambda s: None, deadline=0.5)
     status = {r.name: (r.status, r.error) for r in records}
     assert status["base"][0] == "stopped at deadline"  # train(stop=...) ends at the next step
