@@ -163,16 +163,21 @@ def test_schedule_explorer_renders_and_reacts(browser, lab, tmp_path):
     page.close()
 
 
-def test_schedule_explorer_draws_a_predicted_loss_in_the_browser(browser, lab, tmp_path):
+def _write_notebook(path, code: str) -> None:
+    """A notebook of one code cell on the python3 kernel."""
     nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(code)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def test_schedule_explorer_draws_a_predicted_loss_in_the_browser(browser, lab, tmp_path):
     code = ("from cptlab.analysis.laws import ScheduleLaw\nfrom cptlab.ui import ScheduleExplorer\n\n"
             "law = ScheduleLaw(L0=3.0, A=2.0, alpha=0.5, C=0.002, lam=0.99, lr_ref=2e-3,\n"
             "                  loss_set='en-docs', runs=('infinite/sched-cosine', 'infinite/sched-wsd'),\n"
             "                  tokens_per_step=4096, n_points=50, rmse=0.03)\n"
             "ScheduleExplorer(kind='wsd', compare=('cosine',), tokens_per_stage=1e6, law=law)")
-    nb.cells = [nbformat.v4.new_code_cell(code)]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, lab["notebooks"] / "predict.ipynb")
+    _write_notebook(lab["notebooks"] / "predict.ipynb", code)
     page = _open_and_run_all(browser, lab, "predict.ipynb", height=1300)
     label = page.locator(".widget-html", has_text="fitted on infinite/sched-cosine, infinite/sched-wsd")
     _wait(page, label, tmp_path)
@@ -190,12 +195,9 @@ def test_schedule_explorer_draws_a_predicted_loss_in_the_browser(browser, lab, t
 
 
 def test_run_launcher_trains_in_the_browser(browser, lab, tmp_path):
-    nb = nbformat.v4.new_notebook()
     code = ("from cptlab.ui import RunLauncher\n\n"
             "launcher = RunLauncher(scale=\"smoke\", shift=\"strong\", replay=0.05)\nlauncher")
-    nb.cells = [nbformat.v4.new_code_cell(code)]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, lab["notebooks"] / "launcher.ipynb")
+    _write_notebook(lab["notebooks"] / "launcher.ipynb", code)
     page = _open_and_run_all(browser, lab, "launcher.ipynb", height=1900)
     train = page.locator("button.widget-button", has_text="Train")
     _wait(page, train, tmp_path)
