@@ -79,7 +79,7 @@ def test_replay_mapping_and_single_name_both_load():
     assert single.stages[0].replay.weights() == {"en-man": 1.0}
 
 
-def test_single_source_replay_keeps_its_hash(corpus_dir):
+def test_a_replay_mapping_is_another_config_reading_the_same_data(corpus_dir):
     cfg = RunConfig.from_dict(sequence_config(corpus_dir))
     cfg.stages[2].replay = ReplayConfig("a", 0.25)
     same = copy.deepcopy(cfg)
@@ -196,12 +196,12 @@ def test_lwf_adds_nothing_while_the_model_is_its_teacher():
     lwf = regularizers.LwF(copy.deepcopy(model), 5.0, 2.0, flops_per_token=30,
                            autocast=torch.autocast("cpu", enabled=False))
     x = torch.randint(0, 64, (2, 16))
-    objective, data_loss = lwf.loss(model, x, x)
+    objective, data_loss = lwf.loss_fn(model, x, x)
     assert float(objective.detach()) == pytest.approx(float(data_loss.detach()), abs=1e-6)
     assert lwf.step_flops(32) == 32 * 10  # the teacher's forward: a third of 30 FLOPs per token
     with torch.no_grad():
         model.lm_head.weight.add_(0.5 * torch.randn_like(model.lm_head.weight))
-    objective, data_loss = lwf.loss(model, x, x)
+    objective, data_loss = lwf.loss_fn(model, x, x)
     assert float(objective.detach()) > float(data_loss.detach()) + 1e-4
 
 

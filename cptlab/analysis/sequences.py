@@ -40,26 +40,27 @@ def sequence_rows(runs: list, root: str | Path | RunStore | None = None) -> pd.D
     Finished runs only; a stage end that another run trained (a continual run's base model) is read from
     that run."""
     store = root if isinstance(root, RunStore) else RunStore(root)
+    frames: dict[Path, pd.DataFrame] = {}  # each run's evaluation lines, read once (the base serves many)
     rows = []
     for run in runs:
         labels = run.labels
         if labels.get("role") != "sequence" or not store.is_done(run.experiment, run.run_id):
             continue
+        own = store.run(run.experiment, run.run_id)
+        cfg = own.load_config() if own.config_path.exists() else run.config.resolve(
+            vocab_size=run.config.tokenizer.vocab_size)
+        cost = {"flops": _flops(own, cfg, labels["compute_tokens"]), "vocab_size": cfg.model.vocab_size}
         for stage, dataset in labels["stage_ends"].items():
             source = run if stage in [st.name for st in run.config.stages] else run.needs[0]
-            frame = eval_frame(store.path(source.experiment, source.run_id), {})
+            path = store.path(source.experiment, source.run_id)
+            frame = frames[path] if path in frames else frames.setdefault(path, eval_frame(path, {}))
             if not len(frame) or not (frame["stage"] == stage).any():
                 continue
             end = frame[frame["stage"] == stage].iloc[-1]
             row = {"variant": labels["variant"], "method": labels["method"], "weight": labels["weight"],
                    "after": dataset, "position": labels["datasets"].index(dataset)}
             row.update({c: end[c] for c in frame.columns if c.startswith("val_")})
-            own = store.run(run.experiment, run.run_id)
-            cfg = own.load_config() if own.config_path.exists() else run.config.resolve(
-                vocab_size=run.config.tokenizer.vocab_size)
-            row["flops"] = _flops(own, cfg, labels["compute_tokens"])
-            row["vocab_size"] = cfg.model.vocab_size
-            rows.append(row)
+            rows.append({**row, **cost})
     return pd.DataFrame(rows)
 
 

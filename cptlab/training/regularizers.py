@@ -28,23 +28,22 @@ from torch import nn
 
 from cptlab import data
 from cptlab.config import RegularizerConfig
+from cptlab.training import runtime
 from cptlab.training.model import GPT
 
 
 class Regularizer:
-    """The no-op base: the plain loss, no penalty; subclasses override what they change."""
+    """The no-op base: no penalty, the trainer's own loss (``loss_fn`` None); subclasses override what
+    they change."""
+
+    loss_fn: runtime.LossFn | None = None  # (the loss to differentiate, the data loss) of a micro-batch
 
     def __init__(self, flops_per_token: int):
         self.flops_per_token = flops_per_token
         self.setup_flops = 0  # FLOPs spent before the stage's first step (EWC's Fisher)
         self.penalty_sum = 0.0  # the penalty summed since the last ``take_penalty``
         self.penalty_count = 0
-        self._lock = threading.Lock()  # the training step may call ``loss`` from several threads
-
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the loss to differentiate, the data loss to report) of one micro-batch."""
-        _, loss = model(x, y, return_logits=False)
-        return loss, loss
+        self._lock = threading.Lock()  # the training step may call ``loss_fn`` from several threads
 
     def add_penalty_grad(self, model: nn.Module) -> None:
         """Add the penalty's gradient to ``model``'s ``.grad`` (after the backward pass)."""
@@ -99,14 +98,17 @@ class LwF(Regularizer):
         self.teacher = start.eval().requires_grad_(False)
         self.weight, self.temperature, self.autocast = weight, temperature, autocast
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_fn(self, model: nn.Module, x: torch.Tensor,
+                y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The data loss plus the weighted distillation term, and the data loss."""
         logits, _ = model(x)
         with torch.no_grad(), copy.copy(self.autocast):
             teacher_logits, _ = self.teacher(x)
         t = self.temperature
-        logp = F.log_softmax(logits.float().flatten(0, 1), dim=-1)
+        logits = logits.float().flatten(0, 1)
+        logp = F.log_softmax(logits, dim=-1)
         data_loss = F.nll_loss(logp, y.flatten())
-        soft = logp if t == 1 else F.log_softmax(logits.float().flatten(0, 1) / t, dim=-1)
+        soft = logp if t == 1 else F.log_softmax(logits / t, dim=-1)
         teacher = F.log_softmax(teacher_logits.float().flatten(0, 1) / t, dim=-1)
         kd = (teacher.exp() * (teacher - soft)).sum(-1).mean() * (t * t)
         self._record(float(kd.detach()))

@@ -439,7 +439,7 @@ class Trainer:
         reg = current.regularizer
         loss = runtime.train_step(self.step_model, self.optimizer, micro_batches, lr, t.grad_clip,
                                   self.autocast, workers=1 if self.fsdp else None,
-                                  loss_fn=reg.loss if reg else None,
+                                  loss_fn=reg.loss_fn if reg else None,
                                   grad_hook=reg.add_penalty_grad if reg else None)
         if self.world > 1:
             loss_t = torch.tensor([loss], dtype=torch.float64)
