@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -135,6 +136,8 @@ class TrainConfig:
         _check_range("train.beta2", self.beta2, 0.0, 1.0)
         for i, name in enumerate(self.loggers):
             _check_choice(f"train.loggers[{i}]", name, LOGGERS)
+            if name in self.loggers[:i]:
+                raise ConfigError(f"train.loggers[{i}]: {name!r} is named twice; name each logger once")
 
 
 @dataclass
@@ -179,6 +182,7 @@ class ReplayConfig:
 
 
 REGULARIZERS = ("ewc", "lwf")
+REGULARIZER_FIELDS = {"ewc": ("weight", "fisher_batches", "data"), "lwf": ("weight", "temperature")}
 
 
 @dataclass
@@ -201,7 +205,13 @@ class RegularizerConfig:
 
     def validate(self, where: str, known: set[str] | None = None) -> None:
         _check_choice(f"{where}.kind", self.kind, REGULARIZERS, "regularizer")
-        if not (self.weight > 0 and self.weight < float("inf")):
+        own = REGULARIZER_FIELDS[self.kind]
+        default = RegularizerConfig()
+        for f in dataclasses.fields(self):  # another kind's field, set: it would be stored and never used
+            if f.name not in ("kind", *own) and getattr(self, f.name) != getattr(default, f.name):
+                raise ConfigError(f"{where}.{f.name}: not a field of {self.kind}; {self.kind} takes: "
+                                  f"{', '.join(own)}")
+        if not self.weight > 0:
             raise ConfigError(f"{where}.weight: must be > 0 (leave the regularizer out for none), "
                               f"got {self.weight}")
         if not self.temperature > 0:
@@ -362,6 +372,7 @@ class RunConfig:
         """Check values before any work is done: each section, then what ties sections together.
         ``known_corpora``: names corpora may take (shipped + registered); None skips that check."""
         known = None if known_corpora is None else set(known_corpora) | set(self.corpora)
+        _check_finite(self, "")
         self.model.validate()
         self.tokenizer.validate()
         self.train.validate()
@@ -455,6 +466,23 @@ def _non_default(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _non_default(v) for k, v in value.items()}
     return value
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """Every float in ``value`` (a config section, walked through its fields, mappings and lists) is finite:
+    one rule for all fields, so an inf or nan stops the run before any work rather than after a stage."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be a finite number, got {value}")
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            _check_finite(getattr(value, f.name), f"{where}.{f.name}" if where else f.name)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            named = f" ({item.name})" if isinstance(item, Stage) else ""
+            _check_finite(item, f"{where}[{i}]{named}")
 
 
 def _check_range(key: str, value: float, lo: float, hi: float) -> None:

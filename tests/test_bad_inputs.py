@@ -196,6 +196,17 @@ CASES = [
      "broken.jsonl line 3 is not valid JSON"),
     ("a binary JSONL file", _corpus("blob", {"path": "blob.jsonl"}), 2, "blob.jsonl is not UTF-8 text"),
     ("a folder of binary .txt files", _corpus("bin", {"path": "binary"}), 2, "blob0.txt is not UTF-8 text"),
+    ("a field of another regularizer kind",
+     _set("stages.1.regularizer={kind: ewc, weight: 1.0, temperature: 4.0}"), 2,
+     "stages[1] (continue).regularizer.temperature: not a field of ewc; ewc takes: weight, fisher_batches, "
+     "data"),
+    ("a logger named twice", _set("train.loggers=[tensorboard, tensorboard]"), 2,
+     "train.loggers[1]: 'tensorboard' is named twice"),
+    ("an infinite LwF temperature", _set("stages.1.regularizer={kind: lwf, weight: 1.0, temperature: .inf}"),
+     2, "stages[1] (continue).regularizer.temperature: must be a finite number, got inf"),
+    ("an infinite replay weight", _set("stages.1.replay.source={old: .inf}"), 2,
+     "stages[1] (continue).replay.source.old: must be a finite number, got inf"),
+    ("a NaN weight decay", _set("train.weight_decay=.nan"), 2, "train.weight_decay: must be a finite number"),
     ("diverged", _set("stages.0.schedule={kind: constant, max_lr: 1000.0, min_lr: 1.0, warmup: 0.0}"), 1,
      "diverged: loss is "),
 ]
