@@ -408,3 +408,69 @@ def test_merging_the_ends_of_two_stages_of_one_run_counts_its_tokens_once(finish
                      "0.5,0.5", "--out", str(tmp_path / "m")]) == 0
     assert "4,096 training tokens behind it, 0 trained by the merge" in capsys.readouterr().out
     assert RunDir(tmp_path / "m").read_metrics()[0]["tokens"] == RunDir(finished).read_metrics()[-1]["tokens"]
+
+
+# -- cptlab export: an --out it cannot use, a run it cannot read, a kill half-way ----------------------------
+
+def _read_only(tmp, monkeypatch):
+    (tmp / "ro").mkdir()
+    os.chmod(tmp / "ro", 0o555)
+    if os.geteuid() == 0:  # root may write anywhere: answer as os.access does for any other user
+        from cptlab.interop import export
+        real = os.access
+        monkeypatch.setattr(export.os, "access", lambda p, mode: Path(p) != tmp / "ro" and real(p, mode))
+    return tmp / "ro"
+
+
+def _bad_metrics_line(tmp, finished):
+    run = copy_of(finished, tmp)
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(lines[:3] + ["garbage\n"] + lines[3:]))
+    return run
+
+
+EXPORT_CASES = [
+    ("--out is a file", lambda tmp, finished, mp: (finished, _a_file(tmp)),
+     "is a file; give a new or empty folder"),
+    ("--out inside a file", lambda tmp, finished, mp: (finished, _a_file(tmp) / "model"),
+     "cannot be made: "),
+    ("--out is read-only", lambda tmp, finished, mp: (finished, _read_only(tmp, mp)), "is not writable"),
+    ("a metrics line that is not JSON", lambda tmp, finished, mp: (_bad_metrics_line(tmp, finished),
+                                                                   tmp / "model"),
+     "metrics.jsonl line 4 is not a JSON record"),
+]
+
+
+@pytest.mark.parametrize("name, setup, words", EXPORT_CASES, ids=[c[0] for c in EXPORT_CASES])
+def test_an_export_that_cannot_be_is_one_line_before_any_file(name, setup, words, finished, tmp_path, capsys,
+                                                              monkeypatch):
+    run, out = setup(tmp_path, finished, monkeypatch)
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["export", str(run), "--out", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cptlab export: ") and words in lines[0], lines
+    assert snapshot(tmp_path) == before and not list(out.parent.glob(".*.tmp"))
+
+
+def test_an_export_killed_half_way_leaves_nothing_and_is_redone(finished, tmp_path, monkeypatch, capsys):
+    import transformers
+
+    def killed(self, *args, **kwargs):  # the weights are written, the tokenizer and model card are not
+        raise KeyboardInterrupt
+
+    out = tmp_path / "model"
+    with monkeypatch.context() as m:
+        m.setattr(transformers.PreTrainedTokenizerFast, "save_pretrained", killed)
+        assert cli.main(["export", str(finished), "--out", str(out)]) == 130
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert cli.main(["export", str(finished), "--out", str(out)]) == 0, capsys.readouterr().err
+    written = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= written
+
+
+def test_eval_without_text_or_corpus_names_the_options_once(finished, capsys):
+    capsys.readouterr()
+    assert cli.main(["eval", str(finished)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "cptlab eval: config error: give one of --text FILE or --corpus NAME", err

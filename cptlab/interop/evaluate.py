@@ -65,7 +65,7 @@ def evaluate_run(run: str | Path, text: str | Path | None = None, corpus: str | 
     ``text`` or the validation split of ``corpus`` (its first ``eval.tokens`` tokens, as the trainer reads
     it); ``precision`` defaults to the run's."""
     if (text is None) == (corpus is None):
-        raise ConfigError("cptlab eval: give one of --text FILE or --corpus NAME")
+        raise ConfigError("give one of --text FILE or --corpus NAME")
     model, cfg, stage = load_model(run, stage)
     registry = data.Registry(cfg.corpora)
     tokenizer = data.load_tokenizer(cfg.tokenizer, registry)

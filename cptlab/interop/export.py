@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 from cptlab.analysis.metrics import final_losses
 from cptlab.analysis.runs import eval_frame
 from cptlab.config import ConfigError, ModelConfig, RunConfig
-from cptlab.files import atomic_write_text
+from cptlab.files import atomic_folder
 from cptlab.interop.evaluate import load_model, run_tokenizer
 from cptlab.training.model import GPT, rotary_dims
 from cptlab.training.rundir import RunDir
@@ -101,21 +102,42 @@ def to_transformers(model: GPT, eot_id: int, check: bool = True) -> Any:
 
 def export_run(run_dir: str | Path, out: str | Path, stage: str | None = None, check: bool = True) -> Path:
     """Write ``out`` (see the module docstring) from the run's checkpoint at the end of ``stage`` (default:
-    its last stage); returns ``out``."""
+    its last stage); returns ``out``. Everything is read and checked before anything is written, and the
+    files are written into a temporary folder beside ``out`` renamed to ``out`` last: a kill leaves no
+    half-written model."""
+    out = Path(out)
+    check_out(out)
     run = RunDir(run_dir)
     model, cfg, stage = load_model(run, stage)
     tokenizer = run_tokenizer(cfg)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"--out: {out} is not empty; give a new or empty folder")
+    card = model_card(run, cfg, stage)  # reads metrics.jsonl: a bad line stops the export here
     hf = to_transformers(model, tokenizer.eot_id, check)
-    hf.save_pretrained(str(out))
     fast = _transformers().PreTrainedTokenizerFast(
         tokenizer_object=tokenizer.to_tokenizers(), eos_token="<|endoftext|>", bos_token="<|endoftext|>",
         model_max_length=cfg.model.n_ctx)
-    fast.save_pretrained(str(out))
-    atomic_write_text(out / "README.md", model_card(run, cfg, stage))
+    with atomic_folder(out) as tmp:
+        hf.save_pretrained(str(tmp))
+        fast.save_pretrained(str(tmp))
+        (tmp / "README.md").write_text(card, encoding="utf-8")
     return out
+
+
+def check_out(out: Path) -> None:
+    """``out`` must be a new or empty folder that can be written (a one-line ``ConfigError`` otherwise)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} is a file; give a new or empty folder")
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out: {out} is not writable; give a new or empty folder you can write")
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"--out: {out} is not empty; give a new or empty folder")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out: {out} cannot be made: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out: {out} cannot be written: {parent} is not writable (the export is written "
+                          "beside --out, then renamed into place)")
 
 
 def model_card(run: RunDir, cfg: RunConfig, stage: str) -> str:
