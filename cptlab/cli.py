@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="fetch: extracting processes (default: cores)")
     p.add_argument("--rebuild", action="store_true",
                    help="fetch: build again and check the files are byte-identical to the recorded ones")
-    p.add_argument("--debs", help="fetch: a folder of .deb files to use (and download into)")
+    p.add_argument("--debs", help="fetch: a folder of .deb files to use (the pack's missing ones are "
+                                  "downloaded into it; default: download into the cache)")
     p.set_defaults(func=_cmd_corpora)
 
     p = sub.add_parser("batch", help="execute notebooks with papermill")

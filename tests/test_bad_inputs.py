@@ -474,3 +474,52 @@ def test_eval_without_text_or_corpus_names_the_options_once(finished, capsys):
     assert cli.main(["eval", str(finished)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "cptlab eval: config error: give one of --text FILE or --corpus NAME", err
+
+
+# -- cptlab corpora: fetch options it would ignore, a vocabulary the corpora cannot give ---------------------
+
+def _debs_file(tmp):
+    return ["--debs", _a_file(tmp)]
+
+
+def _debs_empty(tmp):
+    (tmp / "debs").mkdir()
+    return ["--debs", tmp / "debs"]
+
+
+FETCH_CASES = [
+    ("no workers", lambda tmp: ["--workers", "0"], "--workers: must be >= 1 (extracting processes), got 0"),
+    ("negative workers", lambda tmp: ["--workers", "-1"],
+     "--workers: must be >= 1 (extracting processes), got -1"),
+    ("--debs is a file", _debs_file, "is a file; give the folder that holds the .deb files"),
+    ("--debs is empty", _debs_empty,
+     "holds no .deb files; give the folder that holds the .deb files, or leave --debs out to download them"),
+    ("--debs does not exist", lambda tmp: ["--debs", tmp / "nowhere"], "nowhere does not exist"),
+]
+
+
+@pytest.mark.parametrize("name, options, words", FETCH_CASES, ids=[c[0] for c in FETCH_CASES])
+def test_a_fetch_option_it_would_not_honour_is_one_line_before_any_work(name, options, words, tmp_path,
+                                                                        monkeypatch, capsys):
+    from cptlab.data import packs
+
+    monkeypatch.setenv("CPTLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(packs, "verified", lambda cache, packages: None)  # not built: fetch would build it
+
+    def build_pack(*args):
+        raise AssertionError("the pack was built")
+    monkeypatch.setattr(packs, "build_pack", build_pack)
+    capsys.readouterr()
+    assert cli.main(["corpora", "fetch", "docs", *map(str, options(tmp_path))]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cptlab corpora: ") and words in lines[0], lines
+
+
+def test_a_vocabulary_larger_than_the_corpora_give_says_the_size_built(corpora, tmp_path):
+    from cptlab import data
+
+    registry = data.Registry({"old": {"path": str(corpora / "old.txt"), "sample_by": "line"}})
+    asked = r"tokenizer\.vocab_size: asked for 100,000, but the corpora's sample holds merges for only "
+    with pytest.warns(UserWarning, match=asked + r"(\d|,)+ entries; built (\d|,)+") as caught:
+        tokenizer = data.train_bpe(registry, ["old"], vocab_size=100_000, cache_dir=tmp_path)
+    assert f"built {tokenizer.vocab_size:,}" in str(caught[0].message) and tokenizer.vocab_size < 1000

@@ -209,7 +209,7 @@ def test_without_apt_the_error_points_to_the_web_data_path(demo_pack, tmp_path, 
     monkeypatch.setattr(packs.shutil, "which", lambda name: None if name == "apt-get" else "/usr/bin/x")
     with pytest.raises(data.DataError, match=r"demo-doc_1\.0-1\.deb is not in .* this machine has no "
                                              r"apt-get; .* or use the web-data path"):
-        packs.fetch("docs", cache, workers=1, debs=tmp_path / "nothing")
+        packs.fetch("docs", tmp_path / "fresh-cache", workers=1)
 
 
 def test_html_text_leaves_out_page_furniture():

@@ -432,12 +432,29 @@ def verified(cache: Path, packages: tuple[Package, ...]) -> dict[str, Any] | Non
     return manifest
 
 
+def _check_options(workers: int | None, debs: Path | None) -> None:
+    """``--workers`` at least 1; ``--debs`` a folder that holds .deb files (one that holds none would
+    silently download them all: leaving --debs out does that, into the pack's cache)."""
+    if workers is not None and workers < 1:
+        raise DataError(f"--workers: must be >= 1 (extracting processes), got {workers}")
+    if debs is None:
+        return
+    hint = "give the folder that holds the .deb files, or leave --debs out to download them"
+    if not debs.exists():
+        raise DataError(f"--debs: {debs} does not exist; {hint}")
+    if not debs.is_dir():
+        raise DataError(f"--debs: {debs} is a file; {hint}")
+    if not any(debs.glob("*.deb")):
+        raise DataError(f"--debs: {debs} holds no .deb files; {hint}")
+
+
 def fetch(pack: str, cache: Path, workers: int | None = None, rebuild: bool = False,
           debs: Path | None = None, log: Any = print) -> dict[str, Any]:
     """Build pack ``pack`` into ``cache`` unless it is built and its checksums verify (then nothing is done).
     ``rebuild``: build again and say whether the files are byte-identical to the recorded ones."""
     if pack not in PACKS:
         raise DataError(f"pack: {pack!r} not known; known packs: {', '.join(PACKS)}")
+    _check_options(workers, debs)
     packages = PACKS[pack]
     before = verified(cache, packages)
     if before is not None and not rebuild:

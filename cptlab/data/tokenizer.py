@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -157,7 +158,12 @@ def train_bpe(registry: Registry, names: Sequence[str], vocab_size: int = 8192,
             if not path.exists():
                 hf = _train(balanced_sample(registry, names, sample_chars), vocab_size)
                 atomic_write_text(path, hf.to_str())
-    return Tokenizer("bpe", HFTokenizer.from_file(str(path)))
+    tokenizer = Tokenizer("bpe", HFTokenizer.from_file(str(path)))
+    if tokenizer.vocab_size < vocab_size:  # the trainer stops when no pair occurs twice
+        built = tokenizer.vocab_size
+        warnings.warn(f"tokenizer.vocab_size: asked for {vocab_size:,}, but the corpora's sample holds "
+                      f"merges for only {built:,} entries; built {built:,}", stacklevel=2)
+    return tokenizer
 
 
 def balanced_sample(registry: Registry, names: Sequence[str], sample_chars: int) -> list[str]:
