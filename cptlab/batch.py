@@ -40,20 +40,21 @@ def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device
     from cptlab.study.runner import DEADLINE_ENV
     from cptlab.training.store import runs_root
 
-    _check_options(scale, workers, deadline)
+    _check_options(scale, workers, deadline, bool(notebooks))
+    paths = [Path(p) for p in notebooks] if notebooks else sorted(NOTEBOOK_DIR.glob("[0-9]*.ipynb"))
+    parameters = {path: _parameters(path) for path in paths}  # every notebook read before any work
     if deadline is not None:  # the notebooks' kernels start no run after it either
         os.environ[DEADLINE_ENV] = str(time.time() + deadline)
     # The kernels run in notebooks/: give them (and the report) the run store as an absolute path.
     os.environ["CPTLAB_RUNS"] = str(runs_root())
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    paths = [Path(p) for p in notebooks] if notebooks else sorted(NOTEBOOK_DIR.glob("[0-9]*.ipynb"))
     failed = []
     total_start = time.perf_counter()
     if not notebooks and prefetch:
         failed += _prefetch(scale, device, out, workers, deadline)
     for path in paths:
-        defaults = notebook_parameters(path)
+        defaults = parameters[path]
         shifts = ["weak", "strong"] if "shift" in defaults and "shift" not in (params or {}) else [None]
         for shift in shifts:
             name = path.stem + (f"-{shift}" if shift else "")
@@ -78,8 +79,9 @@ def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device
     return 1 if failed else 0
 
 
-def _check_options(scale: str, workers: int | None, deadline: float | None) -> None:
-    """A one-line ConfigError naming the option, before any notebook runs."""
+def _check_options(scale: str, workers: int | None, deadline: float | None, named: bool = False) -> None:
+    """A one-line ConfigError naming the option, before any notebook runs. ``named``: notebooks were named
+    (then no runs are trained first, and ``workers`` would be ignored)."""
     from cptlab.config import ConfigError
     from cptlab.study.scales import get_scale
 
@@ -89,8 +91,28 @@ def _check_options(scale: str, workers: int | None, deadline: float | None) -> N
         raise ConfigError(f"--{exc}") from None
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers: must be >= 1, got {workers}")
+    cores = os.cpu_count() or 1
+    if workers is not None and workers > cores:
+        raise ConfigError(f"--workers: at most {cores} (this machine's cores: each run trains in a process "
+                          f"of its own), got {workers}")
+    if workers is not None and named:
+        raise ConfigError("--workers: only used when every notebook runs (their runs are trained first, side "
+                          "by side); named notebooks train their own runs: leave --workers out")
     if deadline is not None and not deadline > 0:
         raise ConfigError(f"--deadline: must be > 0 seconds, got {deadline:g}")
+
+
+def _parameters(path: Path) -> dict[str, Any]:
+    """``notebook_parameters`` of a notebook checked to exist and to be one (a one-line ConfigError)."""
+    from cptlab.config import ConfigError
+
+    if not path.is_file():
+        raise ConfigError(f"notebooks: {path} does not exist" if not path.exists() else
+                          f"notebooks: {path} is a folder; give notebook files (.ipynb)")
+    try:
+        return notebook_parameters(path)
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        raise ConfigError(f"notebooks: {path} is not a Jupyter notebook (.ipynb JSON with cells)") from None
 
 
 def _execute(path: Path, executed: Path, parameters: dict[str, Any]) -> bool:

@@ -523,3 +523,43 @@ def test_a_vocabulary_larger_than_the_corpora_give_says_the_size_built(corpora, 
     with pytest.warns(UserWarning, match=asked + r"(\d|,)+ entries; built (\d|,)+") as caught:
         tokenizer = data.train_bpe(registry, ["old"], vocab_size=100_000, cache_dir=tmp_path)
     assert f"built {tokenizer.vocab_size:,}" in str(caught[0].message) and tokenizer.vocab_size < 1000
+
+
+# -- cptlab batch: notebooks that are not, options it would not use -----------------------------------------
+
+def _notebook(tmp, text=None):
+    cell = {"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": ["scale = 'tiny'\n"],
+            "outputs": [], "execution_count": None}
+    nb = {"cells": [cell], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    (tmp / "mine.ipynb").write_text(json.dumps(nb) if text is None else text)
+    return tmp / "mine.ipynb"
+
+
+BATCH_CASES = [
+    ("a notebook that does not exist", lambda tmp: [tmp / "nope.ipynb"], "notebooks: "),
+    ("a file that is not a notebook", lambda tmp: [_notebook(tmp, "scale = 'tiny'\n")],
+     "mine.ipynb is not a Jupyter notebook (.ipynb JSON with cells)"),
+    ("--workers with named notebooks", lambda tmp: [_notebook(tmp), "--workers", "1"],
+     "--workers: only used when every notebook runs"),
+    ("--workers beyond the cores", lambda tmp: ["--workers", "100000"], "--workers: at most "),
+]
+
+
+@pytest.mark.parametrize("name, args, words", BATCH_CASES, ids=[c[0] for c in BATCH_CASES])
+def test_a_batch_that_cannot_be_is_one_line_before_any_notebook(name, args, words, tmp_path, monkeypatch,
+                                                                capsys):
+    from cptlab import batch
+    from cptlab.study import runner
+
+    def started(*args, **kwargs):
+        raise AssertionError("the batch started")
+    monkeypatch.setattr(batch, "_execute", started)
+    monkeypatch.setattr(runner, "run_all", started)
+    capsys.readouterr()
+    code = cli.main(["batch", *map(str, args(tmp_path)), "--scale", "smoke", "--out", str(tmp_path / "b")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("cptlab batch: ") and words in lines[0], lines
+    assert not (tmp_path / "b").exists()
+    if name == "a notebook that does not exist":
+        assert f"{tmp_path / 'nope.ipynb'} does not exist" in lines[0]

@@ -141,6 +141,7 @@ def test_batch_passes_workers_and_deadline(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "run_all", run_all)
     monkeypatch.setattr(batch, "_execute", lambda *a: True)
     monkeypatch.setattr("cptlab.analysis.report.write_report", lambda *a, **k: None)
+    monkeypatch.setattr(batch.os, "cpu_count", lambda: 4)  # --workers is at most the cores
     assert cli.main(["batch", "--scale", "smoke", "--device", "cpu", "--out", str(tmp_path),
                      "--workers", "3", "--deadline", "120"]) == 0
     assert seen["workers"] == 3 and seen["summary"] == tmp_path.resolve() and seen["env"] and seen["n"] > 10
