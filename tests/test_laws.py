@@ -4,6 +4,7 @@ sweep, the validation of a scale's plan on a run store of synthetic runs, and ba
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -214,5 +215,50 @@ def test_validation_skips_a_family_whose_fit_runs_are_missing(fake_store):
 def test_explorer_law_needs_the_fit_runs(fake_store, tmp_path):
     law = L.explorer_law("smoke", fake_store)
     assert law.runs == ("infinite/sched-cosine", "infinite/sched-wsd") and law.alpha == 0.5
-    assert L.explorer_law("smoke", tmp_path) is None
     assert math.isnan(law.loss(np.zeros(3), [1])[0])  # no LR applied yet: no prediction
+
+
+# -- a run store that lacks the runs, or holds them for another device ---------------------------------------
+
+LAW_CASES = [
+    ("validate_scale, a store that does not exist", lambda tmp: L.validate_scale("smoke", tmp / "nowhere"),
+     r"^root: the run store .*nowhere does not exist; give the folder the runs were trained into"),
+    ("validate_scale, an empty store", lambda tmp: L.validate_scale("smoke", tmp),
+     r"^root: the run store .* holds none of the \d+ finished runs the validation plan of scale "
+     r"'smoke' needs \(infinite/sched-cosine, .*\); train them: `plan = "
+     r"laws\.validation_plan\('smoke', 'auto'\); runner\.run_all\(laws\.plan_runs\(plan\), '.*'\)`"),
+    ("explorer_law, a store that does not exist", lambda tmp: L.explorer_law("smoke", tmp / "nowhere"),
+     r"^root: the run store .*nowhere does not exist"),
+]
+
+
+@pytest.mark.parametrize("name, call, words", LAW_CASES, ids=[c[0] for c in LAW_CASES])
+def test_a_law_without_its_runs_is_an_error_naming_them(name, call, words, tmp_path):
+    with pytest.raises(ValueError, match=words):
+        call(tmp_path)
+
+
+def test_explorer_law_without_its_runs_is_none_with_a_warning_naming_them(tmp_path):
+    with pytest.warns(UserWarning, match=r"^explorer_law: runs: infinite/sched-cosine-\w+, "
+                      r"infinite/sched-wsd-\w+ not finished in the run store .*: the law is fitted on them, "
+                      r"so there is none; train them: .*runner\.run_all\(plan\[0\]\.fit, "):
+        assert L.explorer_law("smoke", tmp_path) is None
+
+
+def test_validation_names_the_runs_not_finished(fake_store, tmp_path):
+    store = RunStore(shutil.copytree(fake_store.root, tmp_path / "runs"))
+    held = L.validation_plan("smoke")[0].held_out[0]
+    (store.path(held.experiment, held.run_id) / "DONE").unlink()
+    v = L.validate_scale("smoke", store)
+    assert v.skipped == [f"from scratch, three chunks: runs: {held.experiment}/{held.run_id} not finished in "
+                         f"the run store {store.root}"]
+
+
+def test_runs_trained_for_the_cpu_are_found_with_device_auto(tmp_path):
+    store = RunStore(tmp_path)
+    law = L.ScheduleLaw(**{**TRUE.__dict__, "lr_ref": 3e-3})
+    for run in L.plan_runs(L.validation_plan("smoke", "cpu")):
+        write_fake_run(store, run, law)
+    v = L.validate_scale("smoke", store)  # device="auto"
+    assert v.skipped == [] and len(v.laws) == len(L.validation_plan("smoke"))
+    assert L.explorer_law("smoke", store).alpha == 0.5

@@ -32,6 +32,7 @@ The replay law is ``cptlab.analysis.replay_law``'s.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -338,6 +339,7 @@ def validate(plan: Sequence[Family], frame: pd.DataFrame, store: RunStore | None
     for family in plan:
         loss_set = family.fit[0].labels[family.loss_label]
         try:
+            _check_finished(family.fit, store)
             fitted = [run_curve(r, frame, loss_set, store) for r in family.fit]
             law = fit_schedule_law(fitted)
         except ValueError as exc:
@@ -347,6 +349,7 @@ def validate(plan: Sequence[Family], frame: pd.DataFrame, store: RunStore | None
         fit_data = set().union(*(c.data for c in fitted))
         for run in family.held_out:
             try:
+                _check_finished([run], store)
                 curve = run_curve(run, frame, loss_set, store)
             except ValueError as exc:
                 out.skipped.append(f"{family.name}: {exc}")
@@ -363,10 +366,61 @@ def validate(plan: Sequence[Family], frame: pd.DataFrame, store: RunStore | None
 
 def validate_scale(scale: str | Scale = "tiny", root: str | RunStore | None = None,
                    device: str = "auto") -> Validation:
-    """``validate`` on the plan of ``scale`` with the finished runs of the run store ``root``."""
+    """``validate`` on the plan of ``scale`` with the finished runs of the run store ``root`` (default
+    ``$CPTLAB_RUNS`` or ``runs``); ``skipped`` names the runs not finished there. ``device='auto'`` also
+    finds the runs trained for a named device. A store that does not exist, or holds none of the plan's
+    runs, is a ``ValueError`` that says how to train them."""
+    store = open_store(root)
+    plan = plan_in_store(scale, device, store)
+    runs = plan_runs(plan)
+    found = [r for r in runs if store.is_done(r.experiment, r.run_id)]
+    if not found:
+        names = ", ".join(f"{r.experiment}/{r.name}" for r in runs[:3])
+        raise ValueError(f"root: the run store {store.root} holds none of the {len(runs)} finished runs the "
+                         f"validation plan of scale {_scale_name(scale)} needs ({names}, ...); "
+                         + _how_to_train(scale, device, store, "laws.plan_runs(plan)"))
+    return validate(plan, load_runs(found, store), store)
+
+
+def open_store(root: str | RunStore | None) -> RunStore:
+    """The run store at ``root`` (default ``$CPTLAB_RUNS`` or ``runs``); a ``ValueError`` if there is none."""
     store = root if isinstance(root, RunStore) else RunStore(root)
-    runs = [r for r in plan_runs(validation_plan(scale, device)) if store.is_done(r.experiment, r.run_id)]
-    return validate(validation_plan(scale, device), load_runs(runs, store), store)
+    if not store.root.is_dir():
+        raise ValueError(f"root: the run store {store.root} does not exist; give the folder the runs were "
+                         "trained into (e.g. `make reproduce`'s runs/reproduce)")
+    return store
+
+
+def plan_in_store(scale: str | Scale, device: str, store: RunStore) -> list[Family]:
+    """``validation_plan(scale, device)``; with ``device='auto'``, the plan for the device (auto, cpu, cuda,
+    mps) whose runs ``store`` holds most of finished: a run's config names its device, so runs trained with
+    ``device='cpu'`` are other runs than those of ``'auto'``."""
+    def finished(plan: list[Family]) -> int:
+        return sum(store.is_done(r.experiment, r.run_id) for r in plan_runs(plan))
+
+    plan = validation_plan(scale, device)
+    if device != "auto" or finished(plan) == len(plan_runs(plan)):
+        return plan
+    plans = [plan] + [validation_plan(scale, d) for d in ("cpu", "cuda", "mps")]
+    return max(plans, key=finished)  # the first of equals: auto's
+
+
+def _check_finished(runs: Sequence[E.Run], store: RunStore | None) -> None:
+    """A ``ValueError`` naming the runs of ``runs`` that ``store`` does not hold finished (none without a
+    store)."""
+    missing = [f"{r.experiment}/{r.run_id}" for r in runs
+               if store is not None and not store.is_done(r.experiment, r.run_id)]
+    if missing:
+        raise ValueError(f"runs: {', '.join(missing)} not finished in the run store {store.root}")
+
+
+def _scale_name(scale: str | Scale) -> str:
+    return repr(scale) if isinstance(scale, str) else "scale"
+
+
+def _how_to_train(scale: str | Scale, device: str, store: RunStore, what: str) -> str:
+    return (f"train them: `plan = laws.validation_plan({_scale_name(scale)}, {device!r}); "
+            f"runner.run_all({what}, {str(store.root)!r})` (cptlab.study.runner)")
 
 
 def validate_results(res: T.Results, device: str = "auto") -> Validation:
@@ -401,11 +455,17 @@ def laws_table(validation: Validation) -> pd.DataFrame:
 
 def explorer_law(scale: str | Scale = "tiny", root: str | RunStore | None = None,
                  device: str = "auto") -> ScheduleLaw | None:
-    """The law of training from scratch at ``scale`` (fitted on its repeated-cosine and WSD runs of the
-    infinite-schedule experiment), or None if the run store lacks them finished."""
-    store = root if isinstance(root, RunStore) else RunStore(root)
-    family = validation_plan(scale, device)[0]
-    if not all(store.is_done(r.experiment, r.run_id) for r in family.fit):
+    """The law of training from scratch at ``scale``, fitted on its repeated-cosine and WSD runs of the
+    infinite-schedule experiment in the run store ``root``; None, with a warning that names those runs and
+    how to train them, while the store lacks them finished (the schedule explorer then draws no
+    prediction). A store that does not exist is a ``ValueError``."""
+    store = open_store(root)
+    family = plan_in_store(scale, device, store)[0]
+    try:
+        _check_finished(family.fit, store)
+    except ValueError as exc:
+        warnings.warn(f"explorer_law: {exc}: the law is fitted on them, so there is none; "
+                      + _how_to_train(scale, device, store, "plan[0].fit"), stacklevel=2)
         return None
     frame = load_runs(family.fit, store)
     return fit_schedule_law([run_curve(r, frame, r.labels["d1"], store) for r in family.fit])
