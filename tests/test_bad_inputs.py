@@ -464,6 +464,7 @@ def test_an_export_killed_half_way_leaves_nothing_and_is_redone(finished, tmp_pa
         m.setattr(transformers.PreTrainedTokenizerFast, "save_pretrained", killed)
         assert cli.main(["export", str(finished), "--out", str(out)]) == 130
     assert not out.exists() and list(tmp_path.iterdir()) == []
+    out.mkdir()  # an empty folder is taken as a new one
     assert cli.main(["export", str(finished), "--out", str(out)]) == 0, capsys.readouterr().err
     written = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= written
