@@ -53,6 +53,7 @@ def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device
     total_start = time.perf_counter()
     if not notebooks and prefetch:
         failed += _prefetch(scale, device, out, workers, deadline)
+    runs_s = time.perf_counter() - total_start
     for path in paths:
         defaults = parameters[path]
         shifts = ["weak", "strong"] if "shift" in defaults and "shift" not in (params or {}) else [None]
@@ -63,8 +64,10 @@ def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device
                 values["shift"] = shift
             if not _execute(path, out / f"{name}.ipynb", {k: v for k, v in values.items() if k in defaults}):
                 failed.append(name)
+    notebooks_s = time.perf_counter() - total_start - runs_s
     print(f"[batch] {len(failed)} failed of the notebooks run, {time.perf_counter() - total_start:.0f}s "
           f"in all; executed notebooks in {out}", flush=True)
+    report_start = time.perf_counter()
     try:  # the findings judged on the runs the notebooks trained, with links to their figures
         from cptlab.analysis.report import write_report
 
@@ -72,11 +75,30 @@ def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device
     except Exception as exc:  # noqa: BLE001 - reported; the notebooks' results are kept
         failed.append("report")
         print(f"[batch] report: FAILED ({type(exc).__name__}: {exc})", flush=True)
+    trained_first = out if not notebooks and prefetch else None  # else its runs_summary.json is older
+    print(time_line(trained_first, runs_s, notebooks_s, time.perf_counter() - report_start), flush=True)
     if deadline is not None:
         os.environ.pop(DEADLINE_ENV, None)
     if failed:
         print(f"[batch] failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def time_line(out: Path | None, runs_s: float, notebooks_s: float, report_s: float) -> str:
+    """Where the batch's time went: the runs trained up front (and, from ``out``/runs_summary.json, their
+    sections summed over runs, so side-by-side runs add up to more than the wall time), the notebooks
+    (with any runs they trained themselves) and the report."""
+    line = f"[batch] time: runs {runs_s:.0f}s"
+    try:
+        totals = json.loads((out / "runs_summary.json").read_text()).get("run_seconds") or {} if out else {}
+    except (OSError, ValueError):
+        totals = {}
+    if totals:
+        names = {"startup": "start-up", "data": "data", "steps": "steps", "eval": "evaluation",
+                 "checkpoint": "checkpoints", "rest": "rest"}
+        line += " (summed over runs: " + ", ".join(f"{names.get(k, k)} {v:.0f}s" for k, v in totals.items())
+        line += ")"
+    return line + f", notebooks {notebooks_s:.0f}s, report {report_s:.0f}s"
 
 
 def _check_options(scale: str, workers: int | None, deadline: float | None, named: bool = False) -> None:

@@ -1,4 +1,4 @@
-"""Command line: ``cptlab train | batch | report | corpora | eval | export | merge`` (or
+"""Command line: ``cptlab train | batch | report | corpora | eval | export | merge | worker`` (or
 ``python -m cptlab``)."""
 
 from __future__ import annotations
@@ -22,6 +22,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = RunConfig.load(args.config, args.set)
     result = train(cfg, args.out, quiet=args.quiet, runs_root=args.runs, wait=args.wait)
     return 0 if result.status == "done" else 1
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from cptlab.training.worker import main
+
+    return main()
 
 
 def _cmd_corpora(args: argparse.Namespace) -> int:
@@ -125,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="if another trainer holds DIR, wait for it to finish instead of refusing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("worker", help="train jobs read from stdin, one JSON line each, one after another "
+                                      "(the runner's persistent trainer; see cptlab.training.worker)")
+    p.set_defaults(func=_cmd_worker)
 
     p = sub.add_parser("corpora", help="list the corpora with their sizes in tokens; `fetch docs` builds the "
                                        "docs pack")

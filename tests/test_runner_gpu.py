@@ -12,8 +12,8 @@ import pytest
 
 from cptlab import batch, cli
 from cptlab.config import ConfigError
+from cptlab.study import executors, runner, scheduler
 from cptlab.study import experiments as E
-from cptlab.study import runner, scheduler
 from cptlab.study.scales import get_scale
 from cptlab.training.store import RunStore
 
@@ -67,19 +67,30 @@ def test_estimate_counts_the_start_up():
     assert scheduler.estimate_s(2000, [scheduler.RunRecord("e", "b", "b-1", 1000)]) is None
 
 
+_FAKE_WORKER = """
+import json, pathlib, sys, time
+for line in sys.stdin:
+    job = json.loads(line)
+    time.sleep({seconds})
+    if {fail}:
+        raise SystemExit("boom")
+    out = pathlib.Path(job["out"])
+    tokens = sum(s["tokens"] for s in __import__("yaml").safe_load(open(job["config"]))["stages"])
+    (out / "metrics.jsonl").write_text('{{"tokens": 0}}\\n{{"tokens": %d}}\\n' % tokens)
+    (out / "DONE").write_text("")
+    answer = {{"status": "done", "error": "", "seconds": {{"startup": 0.5, "steps": 0.25}}}}
+    print(json.dumps(answer), flush=True)
+"""
+
+
 def _fake_trainer(monkeypatch, seconds: float, fail: bool = False) -> None:
-    """``train_command`` replaced by a process that sleeps ``seconds``, writes metrics and DONE (or fails)."""
-    def command(run, root=None, threads=1):
-        out = runner.run_dir(run, root)
-        out.mkdir(parents=True, exist_ok=True)
-        tokens = sum(s.tokens for s in run.config.stages)
-        code = (f"import time, pathlib; time.sleep({seconds}); p = pathlib.Path({str(out)!r}); "
-                + ("raise SystemExit('boom')" if fail else
-                   f"(p / 'metrics.jsonl').write_text('{{\"tokens\": 0}}\\n{{\"tokens\": {tokens}}}\\n'); "
-                   "(p / 'DONE').write_text('')"))
+    """Worker processes replaced by ones that sleep ``seconds`` per job, then write metrics and DONE (or
+    die with 'boom')."""
+    def command(threads=1):
+        code = _FAKE_WORKER.format(seconds=seconds, fail=fail)
         return [sys.executable, "-c", code], {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": str(threads)}
 
-    monkeypatch.setattr(runner, "train_command", command)
+    monkeypatch.setattr(executors, "worker_command", command)
 
 
 def test_deadline_stops_the_running_and_starts_nothing_after(tmp_path, monkeypatch):
@@ -121,6 +132,13 @@ def test_summary_of_done_already_done_and_failed(tmp_path, monkeypatch):
     row = summary["runs"][0]
     assert row["status"] == "done" and row["tokens_trained"] == row["tokens_planned"] > 0
     assert row["tokens_per_s"] > 0 and summary["workers"] == 2 and summary["counts"]["done"] == 1
+    assert row["startup_s"] == 0.5 and row["steps_s"] == 0.25 and row["eval_s"] == 0.0  # the worker's answer
+    assert row["rest_s"] == pytest.approx(max(0.0, row["wall_s"] - 0.75), abs=0.1)  # what the others leave
+    assert summary["run_seconds"]["startup"] == 0.5
+    assert "| start-up s |" in (tmp_path / "runs_summary.md").read_text()
+    line = batch.time_line(tmp_path, 12.0, 30.0, 2.0)
+    assert line.startswith("[batch] time: runs 12s (summed over runs: start-up 0s, data 0s, steps 0s")
+    assert line.endswith(", notebooks 30s, report 2s")
     _fake_trainer(monkeypatch, seconds=0, fail=True)
     runs = [base, E.continual_run("replay", "weak-replay0.25", "weak", "smoke", replay=0.25),
             E.union_run("weak", "smoke")]
@@ -193,8 +211,9 @@ def test_in_process_deadline_stops_the_run_resumably(tmp_path):
 
 def test_gpu_threads_leave_the_run_identity_alone(tmp_path):
     run = E.base_run("smoke")
-    cmd, env = runner.train_command(run, tmp_path, threads=4)
-    assert env["OMP_NUM_THREADS"] == "4" and cmd[-1] == "--quiet"
-    saved = (runner.run_dir(run, tmp_path) / "run.yaml").read_text()
-    runner.train_command(run, tmp_path, threads=1)
-    assert (runner.run_dir(run, tmp_path) / "run.yaml").read_text() == saved  # threads are not config
+    job = runner.job_for(run, tmp_path, threads=4)
+    cmd, env = executors.worker_command(job.threads)
+    assert env["OMP_NUM_THREADS"] == "4" and cmd[-1] == "worker" and job.out == runner.run_dir(run, tmp_path)
+    saved = job.config.read_text()
+    runner.job_for(run, tmp_path, threads=1)
+    assert job.config.read_text() == saved  # threads are not config

@@ -1,31 +1,28 @@
 """Train a set of runs through the run store: skip finished ones, resume unfinished ones, train the
-runs another depends on first, several side by side as subprocesses (two single-thread trainings on a
-laptop's two cores, faster in total than one two-thread training of a small model; on a GPU as many as
-its memory holds, see ``scheduler.workers_for_memory``), optionally within a deadline, with a summary of
-what became of every run (``scheduler.write_summary``)."""
+runs another depends on first, several side by side (two single-thread trainings on a laptop's two cores,
+faster in total than one two-thread training of a small model; on a GPU as many as its memory holds, see
+``scheduler.workers_for_memory``), optionally within a deadline, with a summary of what became of every
+run and where its time went (``scheduler.write_summary``). The runner decides what runs when; an executor
+(``executors.LocalWorkers``, persistent worker processes on this machine, by default) decides where."""
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 
 from cptlab.study import scheduler
+from cptlab.study.executors import Executor, Job, LocalWorkers, Outcome
 from cptlab.study.experiments import Run
 from cptlab.study.scheduler import LATE, NEEDS_FAILED, NEEDS_UNDONE, RunRecord
-from cptlab.training import runtime
 from cptlab.training.rundir import RunDir
 from cptlab.training.store import RunStore
 
 Log = Callable[[str], None]
 DEADLINE_ENV = "CPTLAB_DEADLINE_AT"  # a deadline as a Unix time, for run_all calls without one (notebooks)
-STOP_GRACE_S = 60.0  # seconds a trainer has to exit after SIGINT at the deadline before it is killed
+STOP_GRACE_S = 60.0  # seconds a run has to stop after the deadline's stop before it is killed
 
 
 def as_store(root: str | Path | RunStore | None) -> RunStore:
@@ -120,18 +117,21 @@ def _deadline_at(deadline: float | None) -> float | None:
 
 def run_all(runs: list[Run], root: str | Path | RunStore | None = None, workers: int | None = None,
             quiet: bool = True, log: Log = print, *, deadline: float | None = None,
-            order: tuple[str, ...] | None = None, summary: str | Path | None = None) -> dict[str, Path]:
+            order: tuple[str, ...] | None = None, summary: str | Path | None = None,
+            executor: Executor | None = None) -> dict[str, Path]:
     """Train every run not finished yet (and the runs they start from) in the run store ``root`` (default
     ``runs_root()``); return run_id -> DIR.
 
     ``workers=1`` trains in this process, one run after another; more trains up to ``workers`` runs side
-    by side in subprocesses (default ``default_workers``), each as soon as the runs it starts from are done,
+    by side in persistent worker processes (default ``default_workers``; ``executor``: another executor,
+    its ``slots`` runs side by side), each as soon as the runs it starts from are done,
     longest chains first (the experiments of ``order`` before the others, see ``scheduler.PRIORITY``).
     ``deadline``: seconds from now; a run that would not finish by then at the speed measured so far is not
     started, and the runs still training then are stopped. ``summary``: a folder to write runs_summary.md
     and runs_summary.json into. A failed run is reported and the others go on; an error listing the failed
     runs (not those the deadline stopped) is raised at the end."""
-    records, meta = train_runs(runs, root, workers, quiet, log, deadline=deadline, order=order)
+    records, meta = train_runs(runs, root, workers, quiet, log, deadline=deadline, order=order,
+                               executor=executor)
     if summary is not None:
         paths = scheduler.write_summary(records, summary, meta)
         if any(r.status != "already done" for r in records):
@@ -147,15 +147,19 @@ def run_all(runs: list[Run], root: str | Path | RunStore | None = None, workers:
 
 def train_runs(runs: list[Run], root: str | Path | RunStore | None = None, workers: int | None = None,
                quiet: bool = True, log: Log = print, *, deadline: float | None = None,
-               order: tuple[str, ...] | None = None) -> tuple[list[RunRecord], dict]:
+               order: tuple[str, ...] | None = None,
+               executor: Executor | None = None) -> tuple[list[RunRecord], dict]:
     """``run_all``'s work without its error: the summary's rows (every run and the runs they start from,
-    needs first) and its header (device, workers, deadline, seconds and tokens/s of the whole)."""
+    needs first) and its header (device, workers, deadline, seconds and tokens/s of the whole, the
+    seconds of every run's sections summed)."""
     store = as_store(root)
     todo = _closure(runs, store)
     started, deadline_at = time.monotonic(), _deadline_at(deadline)
     device = todo[0].config.train.device if todo else "auto"
     pending = [r for r in todo if not is_done(r, store)]
-    if workers is None:
+    if executor is not None:
+        workers = executor.slots
+    elif workers is None:
         workers = default_workers(device, pending)
     if workers < 1:
         raise ValueError(f"--workers: must be >= 1, got {workers}")
@@ -164,11 +168,17 @@ def train_runs(runs: list[Run], root: str | Path | RunStore | None = None, worke
         log(f"[runs] {len(todo) - len(pending)} of {len(todo)} runs already done; training {len(pending)} "
             f"with {workers} worker{'s' * (workers > 1)}"
             + (f", deadline in {deadline_at - time.monotonic():.0f}s" if deadline_at is not None else ""))
-    if workers <= 1:
+    # One thread per run on a CPU, `workers` runs side by side: two single-thread trainings of a small
+    # model beat one two-thread training, and one thread per core stays fast when the machine is busy
+    # (OpenMP threads that wait for a core that is taken slow a step down many times).
+    threads = scheduler.threads_per_worker(os.cpu_count() or 1, workers) if _on_cuda(device) else 1
+    if workers <= 1 and executor is None:
         _train_one_by_one(pending, store, quiet, tracker, order)
-    else:
-        threads = scheduler.threads_per_worker(os.cpu_count() or 1, workers) if _on_cuda(device) else 1
-        _train_side_by_side(pending, store, workers, tracker, order, threads)
+    elif executor is not None:
+        _train_side_by_side(pending, store, executor, tracker, order, threads)
+    elif pending:
+        with LocalWorkers(workers, threads) as local:
+            _train_side_by_side(pending, store, local, tracker, order, threads)
     seconds = time.monotonic() - started
     trained = sum(r.tokens_trained for r in tracker.records.values() if r.status != "already done")
     if pending:
@@ -177,7 +187,8 @@ def train_runs(runs: list[Run], root: str | Path | RunStore | None = None, worke
     meta = {"device": device, "workers": workers,
             "deadline_s": None if deadline_at is None else round(deadline_at - started, 1),
             "order": ",".join(order) if order else "longest chains first", "train_s": round(seconds, 1),
-            "tokens_trained": trained, "tokens_per_s": round(trained / max(seconds, 1e-9))}
+            "tokens_trained": trained, "tokens_per_s": round(trained / max(seconds, 1e-9)),
+            "run_seconds": scheduler.section_totals(list(tracker.records.values()))}
     return [tracker.records[r.run_id] for r in todo], meta
 
 
@@ -207,108 +218,58 @@ def _train_one_by_one(pending: list[Run], store: RunStore, quiet: bool, tracker:
         try:
             result = train(run.config, run_dir(run, store), quiet=quiet, runs_root=store.root, stop=stop)
         except Exception as exc:  # noqa: BLE001 - reported below, the other runs go on
-            tracker.finished(run, time.monotonic() - t0, f"{type(exc).__name__}: {exc}")
+            tracker.finished(run, time.monotonic() - t0, Outcome("failed", f"{type(exc).__name__}: {exc}"))
             continue
-        tracker.finished(run, time.monotonic() - t0, stopped=result.status != "done")
+        tracker.finished(run, time.monotonic() - t0, Outcome(result.status, seconds=result.seconds))
     for run in waiting:
         tracker.not_started(run, NEEDS_UNDONE)
 
 
-def _train_side_by_side(pending: list[Run], store: RunStore, workers: int, tracker: scheduler.Tracker,
-                        order: tuple[str, ...] | None, threads: int) -> None:
-    """Train ``pending`` in subprocesses, ``workers`` at a time, each as soon as its needs are done,
-    longest chains first; at the deadline, stop the ones still training."""
-    # One thread per run on a CPU, `workers` runs side by side: two single-thread trainings of a small model
-    # beat one two-thread training, and one thread per core stays fast when the machine is busy (OpenMP
-    # threads that wait for a core that is taken slow a step down many times).
+def _train_side_by_side(pending: list[Run], store: RunStore, executor: Executor,
+                        tracker: scheduler.Tracker, order: tuple[str, ...] | None, threads: int) -> None:
+    """Train ``pending`` through ``executor``, ``executor.slots`` at a time, each as soon as its needs are
+    done, longest chains first; at the deadline, stop the ones still training (killed after
+    ``STOP_GRACE_S``)."""
     running: dict[Future, tuple[Run, float]] = {}
-    procs = _Processes()
+    stopping = False
     waiting = scheduler.start_order(pending, _critical_paths(pending), order)  # stable: ties keep the order
-    with ThreadPoolExecutor(workers) as pool:
-        while waiting or running:
-            for run in [r for r in waiting if tracker.blocked(r)]:
-                waiting.remove(run)
-                tracker.not_started(run, tracker.blocked(run))
-            for run in [r for r in waiting if all(is_done(n, store) for n in r.needs)]:
-                if len(running) >= workers or tracker.past_deadline():
-                    break
-                if tracker.may_start(run):
-                    waiting.remove(run)
-                    write_labels(run, store)
-                    fut = pool.submit(_train_subprocess, run, store, threads, procs)
-                    running[fut] = (run, time.monotonic())
-            if not running:  # nothing can start: a run they start from is not done, or no time is left
+    while waiting or running:
+        for run in [r for r in waiting if tracker.blocked(r)]:
+            waiting.remove(run)
+            tracker.not_started(run, tracker.blocked(run))
+        for run in [r for r in waiting if all(is_done(n, store) for n in r.needs)]:
+            if len(running) >= executor.slots or tracker.past_deadline():
                 break
-            left = None if tracker.deadline_at is None else max(0.0, tracker.deadline_at - time.monotonic())
-            finished, _ = wait(running, timeout=left, return_when=FIRST_COMPLETED)
-            if not finished:  # the deadline: SIGINT (the trainer exits, resumable), then kill
-                procs.signal_all(signal.SIGINT)
-                if wait(running, timeout=STOP_GRACE_S).not_done:
-                    procs.signal_all(signal.SIGKILL)
-                finished = set(wait(running).done)
-            for fut in finished:
-                run, t0 = running.pop(fut)
-                tracker.finished(run, time.monotonic() - t0, fut.result(), stopped=procs.stopping)
+            if tracker.may_start(run):
+                waiting.remove(run)
+                write_labels(run, store)
+                running[executor.submit(job_for(run, store, threads))] = (run, time.monotonic())
+        if not running:  # nothing can start: a run they start from is not done, or no time is left
+            break
+        left = None if tracker.deadline_at is None else max(0.0, tracker.deadline_at - time.monotonic())
+        finished, _ = wait(running, timeout=left, return_when=FIRST_COMPLETED)
+        if not finished:  # the deadline: stop (each run checkpoints and ends, resumable), then kill
+            stopping = True
+            executor.stop()
+            if wait(running, timeout=STOP_GRACE_S).not_done:
+                executor.kill()
+            finished = set(wait(running).done)
+        for fut in finished:
+            run, t0 = running.pop(fut)
+            outcome = fut.result()
+            if stopping and outcome.status == "failed":  # killed at the deadline
+                outcome.status = "stopped"
+            tracker.finished(run, time.monotonic() - t0, outcome)
     for run in waiting:
         tracker.not_started(run, LATE if tracker.deadline_at is not None else NEEDS_UNDONE)
 
 
-class _Processes:
-    """The training subprocesses running now, so that the deadline can stop them."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.stopping = False
-
-    def start(self, run_id: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen | None:
-        with self.lock:  # none starts once the deadline's stop began
-            if self.stopping:
-                return None
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            self.procs[run_id] = proc
-            return proc
-
-    def end(self, run_id: str) -> None:
-        with self.lock:
-            self.procs.pop(run_id, None)
-
-    def signal_all(self, sig: int) -> None:
-        with self.lock:
-            self.stopping = True
-            for proc in self.procs.values():
-                if proc.poll() is None:
-                    proc.send_signal(sig)
-
-
-def train_command(run: Run, root: str | Path | RunStore | None = None,
-                  threads: int = 1) -> tuple[list[str], dict[str, str]]:
-    """Save the run's ``run.yaml`` and return the command and environment that train it in a subprocess:
-    ``python -m cptlab train`` on ``threads`` threads (OMP_NUM_THREADS; the run's config, and so its
-    identity, stays the same) with glibc malloc tuned."""
+def job_for(run: Run, root: str | Path | RunStore | None = None, threads: int = 1) -> Job:
+    """Save the run's ``run.yaml`` in its run directory and return the job that trains it there (as
+    ``cptlab train run.yaml --out DIR --runs ROOT`` would)."""
     store = as_store(root)
     out = run_dir(run, store)
     out.mkdir(parents=True, exist_ok=True)
     config = out / "run.yaml"
     run.config.save(config)
-    env = runtime.malloc_subprocess_env(dict(os.environ, OMP_NUM_THREADS=str(threads),
-                                             MKL_NUM_THREADS=str(threads)))
-    cmd = [sys.executable, "-m", "cptlab", "train", str(config), "--out", str(out), "--runs", str(store.root),
-           "--quiet"]
-    return cmd, env
-
-
-def _train_subprocess(run: Run, store: RunStore, threads: int, procs: _Processes) -> str | None:
-    """Train ``run`` with ``train_command``; None on success, else the error."""
-    cmd, env = train_command(run, store, threads)
-    proc = procs.start(run.run_id, cmd, env)
-    if proc is None:
-        return "stopped at the deadline before it started"
-    try:
-        _, stderr = proc.communicate()
-    finally:
-        procs.end(run.run_id)
-    if proc.returncode != 0:
-        tail = "\n".join(stderr.strip().splitlines()[-5:])
-        return f"exit {proc.returncode}: {tail}"
-    return None
+    return Job(run.run_id, config, out, store.root, threads)

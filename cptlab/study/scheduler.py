@@ -14,6 +14,7 @@ from typing import Any
 
 from cptlab.config import RunConfig
 from cptlab.files import atomic_write_text
+from cptlab.study.executors import Outcome
 from cptlab.study.experiments import Run
 from cptlab.training.model import GPT
 from cptlab.training.rundir import RunDir, RunDirError
@@ -33,6 +34,8 @@ STATUSES = ("done", "already done", "failed", "stopped at deadline", "not starte
 PRIORITY = ("base", "replay", "union", "d0_rewarm", "warmup", "scales", "infinite", "max_lr", "sequence")
 CUDA_CONTEXT_BYTES = 600 * 2**20  # one process's CUDA context, cuBLAS workspace and allocator slack
 MAX_GPU_WORKERS = 6  # more processes than this add little on one GPU and cost start-up and memory
+# The sections of a run's wall time, in the summary's order (RunRecord's ``<section>_s``).
+SECTIONS = ("startup", "data", "steps", "eval", "checkpoint", "rest")
 
 
 def workers_for_memory(total_bytes: int, per_run_bytes: int, cpu_cores: int,
@@ -93,6 +96,15 @@ class RunRecord:
     status: str = "not started"
     error: str = ""
     train_tokens_per_s: float = 0.0  # the median of the trainer's own training lines (no start-up)
+    # Where the wall time went (seconds): start-up (a new process's imports, waiting for a worker), data
+    # loading, optimizer steps, evaluations, checkpoint writes, and the rest (model set-up, resume, stage
+    # starts, the runner's own bookkeeping).
+    startup_s: float = 0.0
+    data_s: float = 0.0
+    steps_s: float = 0.0
+    eval_s: float = 0.0
+    checkpoint_s: float = 0.0
+    rest_s: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -101,7 +113,22 @@ class RunRecord:
 
     def row(self) -> dict[str, Any]:
         return {**asdict(self), "wall_s": round(self.wall_s, 1), "tokens_per_s": round(self.tokens_per_s),
-                "train_tokens_per_s": round(self.train_tokens_per_s)}
+                "train_tokens_per_s": round(self.train_tokens_per_s),
+                **{f"{s}_s": round(getattr(self, f"{s}_s"), 2) for s in SECTIONS}}
+
+    def set_seconds(self, wall_s: float, seconds: dict[str, float]) -> None:
+        """The wall time and its sections (``Outcome.seconds``); the rest is what they leave."""
+        self.wall_s = wall_s
+        for section in SECTIONS[:-1]:
+            setattr(self, f"{section}_s", float(seconds.get(section, 0.0)))
+        self.rest_s = max(0.0, wall_s - sum(float(seconds.get(s, 0.0)) for s in SECTIONS[:-1]))
+
+
+
+def section_totals(records: list[RunRecord]) -> dict[str, float]:
+    """The seconds of each section summed over the runs trained (runs side by side each count theirs)."""
+    trained = [r for r in records if r.status != "already done"]
+    return {s: round(sum(getattr(r, f"{s}_s") for r in trained), 1) for s in SECTIONS}
 
 
 def new_record(run: Run) -> RunRecord:
@@ -144,12 +171,14 @@ def write_summary(records: list[RunRecord], out: str | Path, meta: dict[str, Any
     lines = ["# Runs summary", "", ", ".join(f"{k}: {v}" for k, v in meta.items() if k != "counts"), "",
              ", ".join(f"{n} {s}" for s, n in counts.items() if n), "",
              "| run | run id | tokens planned | tokens trained | wall s | status | tokens/s "
-             "| training tokens/s |", "|---|---|---:|---:|---:|---|---:|---:|"]
+             "| training tokens/s | start-up s | data s | steps s | eval s | checkpoint s | rest s |",
+             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         status = r["status"] + (f" ({r['error'].splitlines()[0][:120]})" if r["error"] else "")
         lines.append(f"| {r['experiment']}/{r['name']} | {r['run_id']} | {r['tokens_planned']:,} | "
                      f"{r['tokens_trained']:,} | {r['wall_s']:.0f} | {status.replace('|', '/')} | "
-                     f"{r['tokens_per_s']:,} | {r['train_tokens_per_s']:,} |")
+                     f"{r['tokens_per_s']:,} | {r['train_tokens_per_s']:,} | "
+                     + " | ".join(f"{r[f'{s}_s']:.1f}" for s in SECTIONS) + " |")
     atomic_write_text(md_path, "\n".join(lines) + "\n")
     return [md_path, json_path]
 
@@ -199,19 +228,20 @@ class Tracker:
     def not_started(self, run: Run, why: str) -> None:
         self.records[run.run_id].error = why
 
-    def finished(self, run: Run, seconds: float, error: str | None = None, stopped: bool = False) -> None:
+    def finished(self, run: Run, seconds: float, outcome: Outcome) -> None:
+        """Record what became of ``run`` after ``seconds`` of wall time (``outcome``: status, sections)."""
         record = self.records[run.run_id]
-        record.wall_s = seconds
+        record.set_seconds(seconds, outcome.seconds)
         self._read_progress(run)
         if self.store.is_done(run.experiment, run.run_id):  # a run stopped just after it finished is done
             record.status, record.error = "done", ""
             self.done += 1
             self.log(f"[runs] {self.done}/{self.total} {run.experiment}/{run.name} in {seconds:.0f}s "
                      f"({record.train_tokens_per_s:,.0f} tokens/s training, {record.tokens_per_s:,.0f} with "
-                     "start-up)")
-        elif stopped:
+                     f"start-up; start-up {record.startup_s:.1f}s)")
+        elif outcome.status == "stopped":
             record.status = "stopped at deadline"
             self.log(f"[runs] stopped at deadline: {run.experiment}/{run.name} at {record.tokens_trained:,} "
                      f"of {record.tokens_planned:,} tokens")
         else:
-            record.status, record.error = "failed", error or "failed"
+            record.status, record.error = "failed", outcome.error or "failed"

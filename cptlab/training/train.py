@@ -28,7 +28,7 @@ import gc
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,9 @@ from cptlab.training.store import RunStore
 MAX_EPOCHS_BEFORE_WARNING = 5
 
 Record = dict[str, Any]
+# Where a trainer's time goes, besides the rest (model set-up, resume, stage starts): loading the tokenizer,
+# shards and validation sets, optimizer steps, evaluations, checkpoint writes.
+SECTIONS = ("data", "steps", "eval", "checkpoint")
 # Settings a resumed run may change: they change how it is run and logged, not what it computes.
 RESUME_MAY_CHANGE = ("train.threads", "train.checkpoint_every_tokens", "train.log_every_steps",
                      "train.loggers")
@@ -65,6 +68,7 @@ class TrainResult:
     final_val: dict[str, float] = field(default_factory=dict)
     steps: int = 0
     tokens: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)  # where this call's time went (SECTIONS)
 
 
 @dataclass
@@ -143,7 +147,9 @@ class Trainer:
         self.loggers: list[Any] = []  # tensorboard / wandb mirrors of metrics.jsonl (rank 0)
         self.out_dir = Path(out_dir)
         self.store = RunStore(runs_root if runs_root is not None else self.out_dir.absolute().parent.parent)
-        self._check_and_load(cfg, cache_dir)
+        self.seconds = dict.fromkeys(SECTIONS, 0.0)
+        with self.timed("data"):
+            self._check_and_load(cfg, cache_dir)
         self.run_dir = RunDir(self.out_dir)
         if rank == 0:  # the other processes of a torchrun wait for rank 0 (see _claim)
             self.run_dir.check_usable()
@@ -420,7 +426,8 @@ class Trainer:
                 self.save_rolling(current.sampler)
                 return False
             lr = current.lr_at(p.stage_step)
-            self.step(current, lr)
+            with self.timed("steps"):
+                self.step(current, lr)
             last = p.stage_step == current.n_steps
             if p.stage_step % self.t.log_every_steps == 0 or last:
                 self.log_training_line(current, lr)
@@ -510,9 +517,10 @@ class Trainer:
         p.sequences_done = {**p.sequences_done, **{
             n: p.sequences_done.get(n, 0) + read.get(n, 0) for n in current.stage.data}}
         p.stage_index, p.stage_step = current.index + 1, 0
-        state = self._checkpoint_state(None)
-        if state is not None:
-            self.run_dir.save_stage_checkpoint(state, current.stage.name, p.step)
+        with self.timed("checkpoint"):
+            state = self._checkpoint_state(None)
+            if state is not None:
+                self.run_dir.save_stage_checkpoint(state, current.stage.name, p.step)
 
     def finish(self, status: str) -> TrainResult:
         if self.rank == 0:
@@ -520,7 +528,7 @@ class Trainer:
                 self.run_dir.mark_done()
             self.run_dir.close()
         p = self.progress
-        return TrainResult(self.out_dir, status, self.last_val, p.step, p.tokens)
+        return TrainResult(self.out_dir, status, self.last_val, p.step, p.tokens, dict(self.seconds))
 
     # -- helpers ---------------------------------------------------------------------------------
     def log(self, record: Record) -> None:
@@ -531,13 +539,24 @@ class Trainer:
         if self.on_record is not None:
             self.on_record(record)
 
+    @contextlib.contextmanager
+    def timed(self, section: str) -> Iterator[None]:
+        """Add the time the block takes to ``self.seconds[section]``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[section] += time.perf_counter() - start
+
     def _evaluate(self) -> dict[str, float]:
-        return evaluate(self.model, self.val_sets, self.t.seq_len, self.micro, self.device, self.autocast)
+        with self.timed("eval"):
+            return evaluate(self.model, self.val_sets, self.t.seq_len, self.micro, self.device, self.autocast)
 
     def save_rolling(self, sampler: data.BatchSampler) -> None:
-        state = self._checkpoint_state(sampler)
-        if state is not None:
-            self.run_dir.save_rolling_checkpoint(state, self.progress.step)
+        with self.timed("checkpoint"):
+            state = self._checkpoint_state(sampler)
+            if state is not None:
+                self.run_dir.save_rolling_checkpoint(state, self.progress.step)
 
     def _checkpoint_state(self, sampler: data.BatchSampler | None) -> dict[str, Any] | None:
         """Everything a resume needs (on rank 0; None on the others). Under fsdp every rank takes part."""
