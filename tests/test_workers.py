@@ -11,6 +11,8 @@ import pytest
 
 from cptlab.study import executors, runner, scheduler
 from cptlab.study import experiments as E
+from cptlab.training import worker
+from cptlab.training.rundir import RunDir
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -33,3 +35,12 @@ def test_a_reused_worker_trains_as_a_fresh_process_and_a_failure_is_contained(tm
     assert set(reused.seconds) == {"startup", *scheduler.SECTIONS[1:-1]}
     assert reused.seconds["steps"] > 0 and reused.seconds["eval"] > 0
     assert _metrics(runner.run_dir(base, tmp_path / "b")) == _metrics(runner.run_dir(base, tmp_path / "a"))
+
+
+def test_a_stop_request_stops_the_run_with_a_checkpoint(tmp_path):
+    job = runner.job_for(E.base_run("smoke"), tmp_path)
+    stop = worker._Stop()
+    stop.request()  # what SIGINT does in a worker: the run stops at its next step
+    answer = worker.run_job({"config": str(job.config), "out": str(job.out), "runs": str(job.runs)}, stop)
+    assert answer["status"] == "stopped" and answer["error"] == ""
+    assert RunDir(job.out).checkpoints() and not (job.out / "DONE").exists()

@@ -99,18 +99,30 @@ class _Worker:
         try:
             self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()
-            line = self.proc.stdout.readline()
-        except (BrokenPipeError, OSError):
-            line = ""
-        if not line:  # the process ended: killed, or crashed outside a run
+            answer = self._answer()
+        except OSError:  # BrokenPipeError included: the process is gone
+            answer = None
+        if answer is None:  # the process ended: killed, or crashed outside a run
             self.spent = True
             code = self.proc.wait()
             time.sleep(0.05)  # let the drain thread read stderr's last lines
             tail = "\n".join([s for s in self.stderr if s.strip()][-5:])
             return Outcome("failed", f"exit {code}: {tail}", {"startup": time.time() - sent_at})
-        answer = json.loads(line)
         self.spent = answer["status"] == "failed"
         return Outcome(answer["status"], answer["error"], answer["seconds"])
+
+    def _answer(self) -> dict | None:
+        """The next answer line on the worker's stdout (None at its end); any other line is kept with
+        stderr's."""
+        for line in self.proc.stdout:
+            try:
+                answer = json.loads(line)
+            except ValueError:
+                answer = None
+            if isinstance(answer, dict) and "status" in answer:
+                return answer
+            self.stderr.append(line.rstrip("\n"))
+        return None
 
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None:

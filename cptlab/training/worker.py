@@ -88,9 +88,9 @@ def serve(jobs: IO[str], answers: IO[str]) -> int:
 
 def main() -> int:
     """``cptlab worker``: keep the real stdout for the answers and send everything else to stderr."""
-    import torch._dynamo  # noqa: F401 - every optimizer's constructor imports it (seconds): once, here
-
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    import torch._dynamo  # noqa: F401 - every optimizer's constructor imports it (seconds): once, here
+
     return serve(sys.stdin, answers)
