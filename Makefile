@@ -13,7 +13,7 @@ export HF_UPDATE_DOWNLOAD_COUNTS := 0
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install test lint reproduce lab bench clean
+.PHONY: install test lint reproduce lab docs bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,8 +39,12 @@ lab: install
 	CPTLAB_RUNS=$(CURDIR)/runs $(VENV)/bin/jupyter lab --ip 127.0.0.1 --no-browser --notebook-dir notebooks \
 		$$( [ "$$(id -u)" = 0 ] && echo --allow-root )
 
+# the documentation site into site/ (tests/test_docs.py builds it with --strict in `make test`)
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 bench: install
 	$(PY) benchmarks/throughput.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache site .cache/mkdocs-jupyter

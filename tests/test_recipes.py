@@ -136,7 +136,7 @@ def test_time_estimates_come_from_flops_per_token():
     assert recipes.days(300_000_000_000, v, 8) == pytest.approx(one / 8)
     table = recipes.estimate_table()
     assert "| 405m | pile-base | 300B | 23.9 d | 3.0 d |" in table
-    assert table in (ROOT / "README.md").read_text()  # the README's "Real scale" table is up to date
+    assert table in (ROOT / "docs" / "gpus.md").read_text()  # docs/gpus.md, "How long"
 
 
 def test_prepare_tokenises_a_configs_corpora(tmp_path, monkeypatch):

@@ -106,7 +106,7 @@ def test_local_parquet_and_jsonl_shards_as_path_corpora(fineweb_like, slimpajama
     assert sum(meta["documents"].values()) == len(sp_docs)
 
 
-def test_the_readme_web_data_config_validates():
+def test_the_web_data_config_of_the_corpora_guide_validates():
     cfg = RunConfig.from_dict({
         "corpora": {"web": {"hf": "HuggingFaceFW/fineweb-2", "config": "deu_Latn", "streaming": True,
                             "max_tokens": 1e9}},

@@ -344,3 +344,11 @@ def judge_all(res: T.Results) -> list[tuple[Finding, Verdict]]:
             verdict = Verdict(NOT_RUN, f"could not judge: {type(exc).__name__}: {exc}")
         out.append((finding, verdict))
     return out
+
+
+def findings_table() -> str:
+    """The findings as a Markdown table (docs/reproduction.md): key, claim, where the paper shows it, rule."""
+    rows = ["| finding | claim | the paper | rule |", "|---|---|---|---|"]
+    for f in FINDINGS:
+        rows.append(f"| `{f.key}` | {f.claim} | {f.paper} | {f.rule} |")
+    return "\n".join(rows) + "\n"

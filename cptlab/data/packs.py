@@ -253,8 +253,8 @@ def download(debs: Path, package: Package) -> Path:
         return found
     if shutil.which("apt-get") is None:
         raise DataError(f"packs: {package.name}_{package.version}.deb is not in {debs} and this machine has "
-                        "no apt-get; put the .deb files there by hand (see README, 'The docs pack') or use "
-                        "the web-data path (a config's corpora with hf: or path:)")
+                        "no apt-get; put the .deb files there by hand (see docs/corpora.md, 'The docs "
+                        "pack') or use the web-data path (a config's corpora with hf: or path:)")
     proc = subprocess.run(["apt-get", "download", "-o", "APT::Sandbox::User=root",
                            f"{package.name}={package.version}"], cwd=debs, capture_output=True, text=True,
                           check=False)

@@ -7,11 +7,11 @@ infinite inverse-sqrt, WSD). A ``Variant`` says what changes between the full re
 single-GPU ones. ``python -m cptlab.study.recipes write`` writes them all to ``configs/paper/<variant>/``;
 ``check`` says whether the committed files are up to date; ``prepare CONFIG`` streams and tokenises a
 config's corpora before training (see ``cptlab.data.shards``); ``estimate`` prints the time table of the
-README's "Real scale" section.
+"How long" section of docs/gpus.md.
 
 Choices made here (the paper does not fix them): the data are public Hugging Face copies that stream
 (``CORPORA``); each corpus is tokenised up to 1% more tokens than its largest use (``MARGIN``); the GPT-NeoX
-tokenizer is read from ``TOKENIZER_PATH`` (download it first, see the README); an infinite schedule or
+tokenizer is read from ``TOKENIZER_PATH`` (download it first, see docs/gpus.md); an infinite schedule or
 WSD gets a model at the end of a chunk by annealing over the chunk's last ``ANNEAL`` fraction, in a branch
 run for chunks 1 and 2 and in the main run for chunk 3. The tokenizer's path is relative to the
 repository root, where the commands are run. Run ``X`` of a variant lives in the run store ``runs/paper``
@@ -41,7 +41,7 @@ RUN_ROOT = "runs/paper"
 TOKENIZER_PATH = "tokenizers/gpt-neox-20b/tokenizer.json"  # EleutherAI/gpt-neox-20b's tokenizer.json
 
 # The data: public Hugging Face datasets that stream. Names, configs and fields checked against their
-# hub pages (see the README, "Real scale").
+# hub pages (see docs/gpus.md, "The paper's scale").
 CORPORA: dict[str, dict[str, Any]] = {
     "pile": dict(hf="monology/pile-uncopyrighted", split="train", text_field="text", language="en",
                  domain="The Pile (mixed English sources)",

@@ -2,7 +2,7 @@
 and taken by one trainer at a time.
 
     config.json          the resolved config (every default filled in)
-    metrics.jsonl        one JSON object per line (see README, "metrics.jsonl")
+    metrics.jsonl        one JSON object per line (see docs/training.md, "The run directory")
     labels.json          what the run is (experiment, name, shift, replay, ...), for analysis
     checkpoints/         stage-<name>.pt (+ .json: its step) at every stage end, kept;
                          step-<N>.pt rolling, the last two kept
