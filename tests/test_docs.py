@@ -104,7 +104,7 @@ def test_the_site_builds_strictly(tmp_path):
                           timeout=600)
     assert done.returncode == 0, f"mkdocs build --strict failed:\n{done.stdout[-5000:]}{done.stderr[-5000:]}"
     assert (tmp_path / "site" / "index.html").exists()
-    assert (tmp_path / "site" / "notebooks" / "03_replay" / "index.html").exists()
+    assert (tmp_path / "site" / "notebooks" / "03_replay.html").exists()
 
 
 def test_site_links_follow_the_readme_and_the_notebooks_into_the_site():
