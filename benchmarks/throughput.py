@@ -43,6 +43,8 @@ import statistics
 import subprocess
 import sys
 import time
+import types
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -113,7 +115,11 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, sizes: tuple[int, ...]
     return best
 
 
-def update_peak(peak: dict[str, float], device: torch.device, **kw) -> None:
+def update_peak(peak: dict[str, float], device: torch.device, skip: bool = False, **kw) -> None:
+    """Sample the fp32 and bf16 matmul peaks, keeping the best; ``skip``: set them to NaN instead."""
+    if skip:
+        peak.update(fp32=math.nan, bf16=math.nan)
+        return
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         peak[name] = max(peak.get(name, 0.0), matmul_peak(dtype, device, **kw))
 
@@ -215,14 +221,34 @@ class Timer:
         return statistics.median(self.times)
 
 
-def lab_step_fn(args: argparse.Namespace, precision: str, device: torch.device):
-    """The lab's step (sampler + schedule + train_step) as a closure; plus the model and a note."""
+def baseline_modules(ref: str) -> tuple[types.ModuleType, types.ModuleType]:
+    """``cptlab/training/model.py`` and ``runtime.py`` as they are at git revision ``ref`` of this
+    repository, loaded as modules of their own (``baseline_model``, ``baseline_runtime``)."""
+    root = Path(__file__).resolve().parents[1]
+    out = []
+    for name in ("model", "runtime"):
+        where = f"{ref}:cptlab/training/{name}.py"
+        source = subprocess.run(["git", "-C", str(root), "show", where], capture_output=True, text=True,
+                                check=True).stdout
+        module = types.ModuleType(f"baseline_{name}")
+        module.__file__ = where
+        sys.modules[module.__name__] = module  # dataclasses and pickling look modules up by name
+        exec(compile(source, where, "exec"), module.__dict__)
+        out.append(module)
+    return out[0], out[1]
+
+
+def lab_step_fn(args: argparse.Namespace, precision: str, device: torch.device, gpt: type = GPT,
+                rt: types.ModuleType = runtime, compile_model: bool | None = None):
+    """The lab's step (sampler + schedule + train_step) as a closure; plus the model and a note.
+    ``gpt`` and ``rt`` are the model class and runtime module to time (``--baseline``: an older one)."""
+    torch.manual_seed(0)
     cfg = ModelConfig(preset=None, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
                       n_ctx=args.seq_len, vocab_size=args.vocab_size)
-    model = GPT(cfg).to(device)
+    model = gpt(cfg).to(device)
     train_cfg = TrainConfig(seq_len=args.seq_len, batch_size=args.batch_size, precision=precision)
-    optimizer = runtime.make_optimizer(model, train_cfg)
-    step_model = torch.compile(model) if args.compile else model
+    optimizer = rt.make_optimizer(model, train_cfg)
+    step_model = torch.compile(model) if (args.compile if compile_model is None else compile_model) else model
     autocast = runtime.autocast_context(device, precision)
     total_steps = 10_000
     tokens = np.random.default_rng(0).integers(0, args.vocab_size, size=4_000_000, dtype=np.uint16)
@@ -250,7 +276,7 @@ def lab_step_fn(args: argparse.Namespace, precision: str, device: torch.device):
         def lr_at(step: int) -> float:
             return 3e-5 + 1.35e-4 * (1 + math.cos(math.pi * step / total_steps))
     probe = torch.zeros(args.batch_size, args.seq_len, dtype=torch.long, device=device)
-    workers = args.workers if args.workers is not None else runtime.step_workers(step_model, [(probe, probe)])
+    workers = args.workers if args.workers is not None else rt.step_workers(step_model, [(probe, probe)])
     state = {"step": 0, "loss": float("nan"), "sample_s": 0.0, "workers": workers}
 
     def step() -> None:
@@ -258,8 +284,8 @@ def lab_step_fn(args: argparse.Namespace, precision: str, device: torch.device):
         x, y = next_batch()
         lr = lr_at(state["step"])
         state["sample_s"] += time.perf_counter() - t0
-        state["loss"] = runtime.train_step(step_model, optimizer, [(x.to(device), y.to(device))], lr,
-                                           train_cfg.grad_clip, autocast, workers=workers)
+        state["loss"] = rt.train_step(step_model, optimizer, [(x.to(device), y.to(device))], lr,
+                                      train_cfg.grad_clip, autocast, workers=workers)
         state["step"] += 1
 
     return step, model, note, state
@@ -309,6 +335,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compile", action="store_true", help="torch.compile the lab's model")
     p.add_argument("--reference-attention", default="sdpa", choices=("sdpa", "manual"))
     p.add_argument("--no-reference", action="store_true", help="skip the reference step")
+    p.add_argument("--baseline", metavar="GIT_REF",
+                   help="also time the step of this git revision's model.py and runtime.py (eager), "
+                        "alternating with the lab's step, and report the speed-up")
+    p.add_argument("--no-peak", action="store_true",
+                   help="skip the matmul peak (MFU is then NaN): less time, less load on a shared machine")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a report")
     p.add_argument("--scale", help="take the model and batch shapes of this scale's base run (e.g. small)")
     p.add_argument("--processes", type=int, default=None,
@@ -331,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{torch.backends.cpu.get_cpu_capability()}, bf16 native: {runtime.cpu_supports_bf16()}")
 
     peak: dict[str, float] = {}
-    update_peak(peak, device)
+    update_peak(peak, device, args.no_peak)
     say(f"matmul peak: fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s "
         "(sampled again between rounds; the best is kept)")
 
@@ -345,6 +376,12 @@ def main(argv: list[str] | None = None) -> dict:
     say(f"lab warm-up (3 steps{', compile' if args.compile else ''}): {time.perf_counter() - t0:.1f} s")
     timers = {"lab": Timer()}
     steps = {"lab": lab_step}
+    if args.baseline:
+        base_gpt, base_rt = baseline_modules(args.baseline)
+        base_step, _, _, base_state = lab_step_fn(args, precision, device, base_gpt.GPT, base_rt, False)
+        for _ in range(3):
+            base_step()
+        timers["base"], steps["base"] = Timer(), base_step
     if not args.no_reference:
         ref_step, ref_model, ref_state = ref_step_fn(args, device)
         for _ in range(3):
@@ -356,9 +393,9 @@ def main(argv: list[str] | None = None) -> dict:
         for name in steps:
             for _ in range(per_round):
                 timers[name](steps[name])
-        if not args.child:  # side by side, sampling the peak would slow the other copies
+        if not (args.child or args.no_peak):  # side by side, sampling the peak would slow the other copies
             update_peak(peak, device, sizes=(2048,), repeats=2)  # a shared machine slows any one sample
-    if not args.child:
+    if not (args.child or args.no_peak):
         update_peak(peak, device)
 
     tokens = args.batch_size * args.seq_len
@@ -386,6 +423,13 @@ def main(argv: list[str] | None = None) -> dict:
     say(f"  minor page faults per step: {out['minor_faults_per_step']:.0f} (system CPU time "
         f"{out['sys_ms_per_step']:.1f} ms per step); batch sampling + LR: "
         f"{out['sampler_ms_per_step']:.2f} ms per step ({share:.1%} of the median step)")
+    if "base" in timers:
+        out.update(baseline_figures(args, timers, base_state, lab_state, tokens))
+        say(f"baseline step ({args.baseline}'s model.py and runtime.py, eager, timed alternately): "
+            f"{out['baseline_tokens_per_s']:,.0f} tokens/s best, {out['baseline_tokens_per_s_median']:,.0f} "
+            f"median; speed-up {out['speedup_over_baseline']:.2f}x best, "
+            f"{out['speedup_over_baseline_median']:.2f}x median; final loss {out['baseline_final_loss']:.6f} "
+            f"(lab {lab_state['loss']:.6f}: {'identical' if out['same_loss_as_baseline'] else 'different'})")
     if "ref" in timers:
         ref = timers["ref"]
         out["reference_tokens_per_s"] = tokens / ref.best()
@@ -419,6 +463,20 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         print(json.dumps(out))
     return out
+
+
+def baseline_figures(args: argparse.Namespace, timers: dict[str, Timer], base_state: dict,
+                     lab_state: dict, tokens: int) -> dict:
+    """The ``--baseline`` step's tokens/s and the lab step's speed-up over it (same steps, alternated)."""
+    base, lab = timers["base"], timers["lab"]
+    return {
+        "baseline": args.baseline, "baseline_tokens_per_s": tokens / base.best(),
+        "baseline_tokens_per_s_median": tokens / base.median(),
+        "speedup_over_baseline": base.best() / lab.best(),
+        "speedup_over_baseline_median": base.median() / lab.median(),
+        "baseline_final_loss": base_state["loss"],
+        "same_loss_as_baseline": base_state["loss"] == lab_state["loss"],
+    }
 
 
 def apply_scale(args: argparse.Namespace) -> None:

@@ -74,8 +74,11 @@ def test_rotary_only_on_configured_fraction():
     torch.testing.assert_close(pair(q), pair(raw_q))
 
 
-def test_rotary_matches_reference_rotate_half():
-    """NeoX rotate-half on the first r dims, written out naively; values and gradients agree."""
+@pytest.mark.parametrize("split", [M._SplitHeadsRotary.apply, M._split_heads_rotary_traced],
+                         ids=["eager", "traced"])
+def test_rotary_matches_reference_rotate_half(split):
+    """NeoX rotate-half on the first r dims, written out naively; values and gradients agree, for the
+    eager autograd function and the plain-ops version ``torch.compile`` traces."""
     b, t, h, hd, r = 2, 7, 3, 16, 4
     cos, sin = M.rotary_tables(r, 32, 10000.0)
     cos, sin = cos[:t].double().view(t, 1, 1, -1), sin[:t].double().view(t, 1, 1, -1)
@@ -88,11 +91,12 @@ def test_rotary_matches_reference_rotate_half():
         x1, x2 = xr[..., : r // 2], xr[..., r // 2:]
         return torch.cat([xr * ang.cos() + torch.cat([-x2, x1], -1) * ang.sin(), rest], -1)
 
-    q, k, v = M._SplitHeadsRotary.apply(qkv, h, cos, sin)
+    q, k, v = split(qkv, h, cos, sin)
     rq, rk, rv = qkv.view(b, t, 3, h, hd).unbind(2)
     torch.testing.assert_close(q, reference(rq).transpose(1, 2), atol=1e-6, rtol=0)
     torch.testing.assert_close(k, reference(rk).transpose(1, 2), atol=1e-6, rtol=0)
-    assert torch.autograd.gradcheck(lambda x: M._SplitHeadsRotary.apply(x, h, cos, sin), (qkv,))
+    torch.testing.assert_close(v, rv.transpose(1, 2), atol=0, rtol=0)
+    assert torch.autograd.gradcheck(lambda x: split(x, h, cos, sin), (qkv,))
 
 
 def test_no_rotary():

@@ -270,3 +270,29 @@ def test_two_processes_match_one(reference, corpus_dir, tmp_path):
     assert len(two) == len(one)
     for a, b in zip(two, one):
         assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_evaluate_takes_tokens_or_sequences_batched_once():
+    """The trainer batches each validation set once (``eval_sequences``); evaluating those rows gives
+    exactly the loss of evaluating the tokens, the mean cross-entropy over the whole sequences they hold."""
+    import contextlib
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from cptlab.config import ModelConfig
+    from cptlab.training.model import GPT
+    from cptlab.training.train import eval_sequences, evaluate
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(preset=None, n_layer=1, n_head=2, d_model=16, n_ctx=16, vocab_size=50))
+    tokens = np.random.default_rng(0).integers(0, 50, size=16 * 5 + 7, dtype=np.uint16)
+    x, y = eval_sequences(tokens, 16)
+    assert x.shape == y.shape == (5, 16) and torch.equal(x[:, 1:], y[:, :-1])
+    args = (16, 2, torch.device("cpu"), contextlib.nullcontext())
+    from_tokens = evaluate(model, {"a": tokens}, *args)["a"]
+    assert evaluate(model, {"a": (x, y)}, *args)["a"] == from_tokens
+    with torch.no_grad():
+        expected = F.cross_entropy(model(x)[0].reshape(-1, 50), y.reshape(-1)).item()
+    assert from_tokens == pytest.approx(expected, rel=1e-5)

@@ -65,6 +65,21 @@ def _rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     o2.addcmul_(x1, sin, value=sign)
 
 
+def _split_heads_rotary_traced(qkv: torch.Tensor, n_head: int, cos: torch.Tensor,
+                               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_SplitHeadsRotary`` in plain differentiable ops, for ``torch.compile`` (which fuses them; the
+    ``out=`` writes into strided views of the eager version would split its graph)."""
+    b, t, three_d = qkv.shape
+    src = qkv.view(b, t, 3, n_head, three_d // (3 * n_head))
+    h = cos.size(-1)
+    if h:
+        x1, x2 = src[:, :, :2, :, :h], src[:, :, :2, :, h:2 * h]
+        qk = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, src[:, :, :2, :, 2 * h:]], dim=-1)
+        src = torch.cat([qk, src[:, :, 2:]], dim=2)
+    out = src.permute(2, 0, 3, 1, 4).contiguous()
+    return out[0], out[1], out[2]
+
+
 class _SplitHeadsRotary(torch.autograd.Function):
     """(B, T, 3d) qkv -> q, k, v, each (B, H, T, hd) and contiguous, with q and k rotated.
 
@@ -190,7 +205,10 @@ class Attention(nn.Module):
         half = self.cos.size(-1)
         cos = self.cos[:t].to(qkv.dtype).view(t, 1, 1, half)  # broadcast over (B, T, 2, H, dims/2)
         sin = self.sin[:t].to(qkv.dtype).view(t, 1, 1, half)
-        q, k, v = _SplitHeadsRotary.apply(qkv, self.n_head, cos, sin)
+        if torch.compiler.is_compiling():
+            q, k, v = _split_heads_rotary_traced(qkv, self.n_head, cos, sin)
+        else:
+            q, k, v = _SplitHeadsRotary.apply(qkv, self.n_head, cos, sin)
         y = causal_attention(q, k, v, self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
@@ -323,10 +341,11 @@ class GPT(nn.Module):
         return logits, loss
 
     def _fuse_head_loss(self, x: torch.Tensor) -> bool:
-        """The fused head + loss: for training steps on the CPU (it computes the gradient eagerly, so not
-        for evaluation), with the output projection a plain unsharded parameter."""
+        """The fused head + loss: for eager training steps on the CPU (it computes the gradient eagerly, so
+        not for evaluation; under ``torch.compile`` the plain path is traced and fused by the compiler),
+        with the output projection a plain unsharded parameter."""
         return (x.device.type == "cpu" and torch.is_grad_enabled() and self.fuse_head_loss
-                and type(self.lm_head.weight) is nn.Parameter)
+                and type(self.lm_head.weight) is nn.Parameter and not torch.compiler.is_compiling())
 
     # -- accounting ------------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:

@@ -211,6 +211,9 @@ class Trainer:
             if len(tokens) < self.t.seq_len + 1:
                 raise ConfigError(f"eval.sets: {name!r} has {len(tokens)} validation tokens, fewer than one "
                                   f"sequence of train.seq_len + 1 = {self.t.seq_len + 1}")
+        # batched once per run: every evaluation reads the same rows
+        self.val_batches = {name: eval_sequences(tokens, self.t.seq_len)
+                            for name, tokens in self.val_sets.items()}
 
     def _check_shards(self) -> None:
         """Every corpus a stage reads holds at least one training sequence (else no stage would start)."""
@@ -550,7 +553,8 @@ class Trainer:
 
     def _evaluate(self) -> dict[str, float]:
         with self.timed("eval"):
-            return evaluate(self.model, self.val_sets, self.t.seq_len, self.micro, self.device, self.autocast)
+            return evaluate(self.model, self.val_batches, self.t.seq_len, self.micro, self.device,
+                            self.autocast)
 
     def save_rolling(self, sampler: data.BatchSampler) -> None:
         with self.timed("checkpoint"):
@@ -571,17 +575,25 @@ class Trainer:
         }
 
 
+def eval_sequences(tokens: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A validation set's tokens as (inputs, targets) rows of ``seq_len``: the whole sequences it holds."""
+    n_seq = (len(tokens) - 1) // seq_len
+    arr = torch.from_numpy(np.asarray(tokens[: n_seq * seq_len + 1], dtype=np.int64))
+    return arr[:-1].view(n_seq, seq_len), arr[1:].view(n_seq, seq_len)
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, val_sets: dict[str, np.ndarray], seq_len: int, batch_size: int,
-             device: torch.device, autocast: contextlib.AbstractContextManager) -> dict[str, float]:
-    """Mean next-token loss over the same fixed validation tokens of each set."""
+def evaluate(model: torch.nn.Module, val_sets: dict[str, np.ndarray | tuple[torch.Tensor, torch.Tensor]],
+             seq_len: int, batch_size: int, device: torch.device,
+             autocast: contextlib.AbstractContextManager) -> dict[str, float]:
+    """Mean next-token loss over the same fixed validation tokens of each set (its tokens, or the
+    ``eval_sequences`` of them, which the trainer makes once per run)."""
     was_training = model.training
     model.eval()
     out = {}
     for name, tokens in val_sets.items():
-        n_seq = (len(tokens) - 1) // seq_len
-        arr = torch.from_numpy(np.asarray(tokens[: n_seq * seq_len + 1], dtype=np.int64))
-        x_all, y_all = arr[:-1].view(n_seq, seq_len), arr[1:].view(n_seq, seq_len)
+        x_all, y_all = tokens if isinstance(tokens, tuple) else eval_sequences(tokens, seq_len)
+        n_seq = len(x_all)
         total = 0.0
         for i in range(0, n_seq, batch_size):
             x, y = x_all[i:i + batch_size].to(device), y_all[i:i + batch_size].to(device)
