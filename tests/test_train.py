@@ -295,4 +295,8 @@ def test_evaluate_takes_tokens_or_sequences_batched_once():
     assert evaluate(model, {"a": (x, y)}, *args)["a"] == from_tokens
     with torch.no_grad():
         expected = F.cross_entropy(model(x)[0].reshape(-1, 50), y.reshape(-1)).item()
+        per_batch = 0.0  # each batch's loss added as a Python float as it comes, in order
+        for i in range(0, 5, 2):
+            per_batch += float(model(x[i:i + 2], y[i:i + 2], return_logits=False)[1]) * len(x[i:i + 2])
     assert from_tokens == pytest.approx(expected, rel=1e-5)
+    assert from_tokens == per_batch / 5

@@ -594,12 +594,17 @@ def evaluate(model: torch.nn.Module, val_sets: dict[str, np.ndarray | tuple[torc
     for name, tokens in val_sets.items():
         x_all, y_all = tokens if isinstance(tokens, tuple) else eval_sequences(tokens, seq_len)
         n_seq = len(x_all)
-        total = 0.0
+        losses, rows = [], []
         for i in range(0, n_seq, batch_size):
             x, y = x_all[i:i + batch_size].to(device), y_all[i:i + batch_size].to(device)
             with autocast:
                 _, loss = model(x, y, return_logits=False)
-            total += float(loss) * len(x)
+            losses.append(loss.detach())
+            rows.append(len(x))
+        # one device sync per set; the same float sums as adding each batch's loss as it comes
+        total = 0.0
+        for loss, n in zip(torch.stack(losses).tolist(), rows):
+            total += loss * n
         out[name] = total / n_seq
     model.train(was_training)
     return out
