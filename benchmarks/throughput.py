@@ -4,7 +4,10 @@
         --batch-size 16 --vocab-size 512] [--precision auto|fp32|bf16] [--steps 32] [--rounds 8]
         [--threads N] [--workers N] [--malloc tuned|asis] [--compile]
         [--reference-attention sdpa|manual] [--no-reference] [--device cpu] [--json]
-        [--scale small] [--processes N] [--out FILE.json]
+        [--scale small] [--processes N] [--out FILE.json] [--baseline GIT_REF] [--no-peak]
+    # the tiny step as the runner trains it (one thread) against main's step, alternated in one process
+    .venv/bin/python benchmarks/throughput.py --scale tiny --threads 1 --no-reference --no-peak \
+        --baseline main
     # on a GPU: one run of a scale, then as many side by side as `cptlab batch` would train (0: its choice)
     .venv/bin/python benchmarks/throughput.py --device cuda --scale small --no-reference --processes 0 \
         --out bench.json
@@ -29,7 +32,10 @@ On CUDA, MFU is also given against the GPU's dense bf16 tensor-core peak from NV
 (``DENSE_BF16_PEAKS``, named in the output; an unknown GPU is said to be unknown). ``--scale`` takes the
 model and batch shapes of that scale's base run. ``--processes N`` then runs N copies of the measurement
 side by side (as ``cptlab batch`` trains runs; 0: ``runner.default_workers`` for the scale's runs) and
-reports their tokens/s, FLOP/s and MFU together. ``--out`` writes the JSON to a file.
+reports their tokens/s, FLOP/s and MFU together. ``--out`` writes the JSON to a file. ``--baseline REF``
+also times the step of git revision REF's ``model.py`` and ``runtime.py`` (eager), alternating with the
+lab's step in rounds, from the same seed on the same batches: the speed-up over it, and whether the final
+losses are identical (a change that keeps every number) or not.
 """
 
 from __future__ import annotations
