@@ -46,6 +46,7 @@ from threadpoolctl import threadpool_limits
 
 from cptlab import schedules as sched
 from cptlab.analysis import laws as L
+from cptlab.analysis.runs import load_runs
 from cptlab.study import experiments as E
 from cptlab.study import paper
 from cptlab.study.scales import Scale, get_scale
@@ -463,3 +464,29 @@ def planner_verdict(laws: dict[str, CptLaw], base: E.Run, sweep: pd.Series, scal
     low, high = fractions[max(i - 1, 0)], fractions[min(i + 1, len(fractions) - 1)]
     return {"weights": f"w0 {w0:g}, w1 {w1:g}", "measured best": best, "planner": chosen,
             "one step": f"{low:g} .. {high:g}", "within": bool(low <= chosen <= high)}
+
+
+# -- laws for the run launcher -----------------------------------------------------------------------
+
+def predict_run(laws: dict[str, CptLaw], run: E.Run,
+                store: RunStore | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """"D0" / "D1" -> (tokens, predicted loss) after every step of the continual ``run``'s own stage."""
+    lr = L.lr_history(run, store)
+    switch = len(lr) - sum(L.stage_steps(run.config))
+    steps = np.arange(switch + 1, len(lr) + 1)
+    t = run.config.train
+    return {key: (steps * t.batch_size * t.seq_len, law.loss(lr, switch, steps, replay_of(run)))
+            for key, law in laws.items()}
+
+
+def launcher_laws(shift: str, store: RunStore, scale: str | Scale,
+                  device: str = "auto") -> tuple[dict[str, CptLaw], str]:
+    """The laws of ``shift`` fitted on the store's ``FIT_RUNS`` of ``scale`` and their base model, with a
+    note naming them; ({}, why) when the store lacks one of them finished."""
+    fit, _ = shift_runs(shift, scale, device)
+    needed = [*fit, fit[0].needs[0]]
+    missing = [f"{r.experiment}/{r.name}" for r in needed if not store.is_done(r.experiment, r.run_id)]
+    if missing:
+        return {}, f"the continual-pre-training law needs the finished runs {', '.join(missing)}"
+    laws = fit_shift(shift, fit, load_runs(needed, store), store)
+    return laws, f"continual-pre-training law fitted on {', '.join(f'{r.experiment}/{r.name}' for r in fit)}"

@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from cptlab.analysis import laws
+from cptlab.analysis import cpt_law, laws
 from cptlab.study import experiments as E
 from cptlab.study import paper, runner
 from cptlab.study.scales import SCALES, get_scale
@@ -82,11 +82,15 @@ class RunLauncher:
     next step with a checkpoint; "Train" again resumes it exactly. Errors show in ``status`` and
     ``error``; ``result`` is the last ``train.TrainResult``; ``wait()`` joins the thread.
 
-    Before Train, the figure shows the D0 and D1 losses that the schedule law (``cptlab.analysis.laws``)
-    predicts for the run, dashed (``prediction``: "D0" / "D1" -> (tokens, loss)), fitted on the run
-    store's finished runs that continue the same base model on the same data, at the same replay fraction
-    or else the nearest (``laws.launcher_fit_runs``); ``prediction_text`` names those runs, or says why
-    there is no prediction. The live curves then land on it or off it.
+    Before Train, the figure shows the D0 and D1 losses predicted for the run, dashed (``prediction``:
+    "D0" / "D1" -> (tokens, loss)): by the continual-pre-training law (``cptlab.analysis.cpt_law``) where
+    the run store holds the shift's three fit runs finished (``cpt_law.launcher_laws``), else by the
+    schedule law fitted on the store's finished runs that continue the same base model on the same data,
+    at the same replay fraction or else the nearest (``laws.launcher_fit_runs``); ``prediction_text``
+    names the law and its runs, or says why there is no prediction. The live curves then land on it or
+    off it. "suggest" (``suggest_button``) fills in the replay fraction and max LR (cosine) that the
+    planner (``cpt_law.plan``) predicts best for ``d0_weight`` on D0 and the rest on D1 (``plan``,
+    ``plan_text``).
     """
 
     def __init__(self, scale: str = "tiny", shift: str = "strong", replay: float = 0.25, device: str = "auto",
@@ -113,6 +117,14 @@ class RunLauncher:
         self.prediction_text = W.HTML()
         self.prediction: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._fits: dict[tuple[str, ...], dict[str, laws.ScheduleLaw]] = {}  # by the run ids fitted on
+        self._cpt_fits: dict[tuple[str, str, str], tuple[dict[str, cpt_law.CptLaw], str]] = {}
+        self.d0_weight = W.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05, description="D0 weight",
+                                       readout_format=".2f", style=style)
+        self.suggest_button = W.Button(description="suggest", icon="magic",
+                                       tooltip="fill in the replay fraction and max LR that the continual-"
+                                       "pre-training law predicts best for these weights of D0 and D1")
+        self.plan_text = W.HTML()
+        self.plan: cpt_law.Plan | None = None
         self.image = W.Image(format="png", layout=W.Layout(width="720px"))
         self.figure = Figure(figsize=(9.0, 4.0))
         self.lines: dict[str, Line2D] = {}
@@ -129,6 +141,7 @@ class RunLauncher:
 
         self.train_button.on_click(lambda _: self.start())
         self.stop_button.on_click(lambda _: self.stop())
+        self.suggest_button.on_click(lambda _: self.suggest())
         self.scale.observe(lambda _: self._apply_scale(), names="value")
         ex = self.schedule
         for control in (self.shift, self.replay, self.device, ex.kind, ex.max_lr, ex.min_lr, ex.warmup,
@@ -148,6 +161,8 @@ class RunLauncher:
             ], layout=W.Layout(flex_flow="row wrap")),
             ex.status,
             ex.image,
+            W.HBox([self.d0_weight, self.suggest_button, self.plan_text],
+                   layout=W.Layout(flex_flow="row wrap")),
             W.HBox([self.train_button, self.stop_button, self.progress, self.progress_text],
                    layout=W.Layout(flex_flow="row wrap")),
             self.status,
@@ -333,11 +348,20 @@ class RunLauncher:
         self._redraw()
 
     def _predict(self, run: E.Run) -> None:
-        """Fill ``prediction`` and ``prediction_text`` for ``run`` (laws cached by the runs fitted on)."""
+        """Fill ``prediction`` and ``prediction_text`` for ``run``: the continual-pre-training law where the
+        store has its fit runs, else the schedule law (laws cached by the runs fitted on)."""
         self.prediction = {}
-        fit, note = laws.launcher_fit_runs(run, self.store, self.scale.value, self.device.value)
+        cpt, note = self._cpt_laws()
+        if cpt and run.needs:
+            try:
+                self.prediction = cpt_law.predict_run(cpt, run, self.store)
+                self.prediction_text.value = html.escape(f"predicted (dashed): {note}")
+                return
+            except ValueError as exc:
+                note = str(exc)
+        fit, why = laws.launcher_fit_runs(run, self.store, self.scale.value, self.device.value)
         if not fit:
-            self.prediction_text.value = html.escape(f"no prediction: {note}")
+            self.prediction_text.value = html.escape(f"no prediction: {why}")
             return
         key = tuple(r.run_id for r in fit)
         try:
@@ -351,7 +375,36 @@ class RunLauncher:
             return
         names = ", ".join(f"{r.experiment}/{r.name}" for r in fit)
         self.prediction_text.value = html.escape(
-            f"predicted (dashed): schedule law fitted on {names} ({note})")
+            f"predicted (dashed): schedule law fitted on {names} ({why}); {note}")
+
+    def _cpt_laws(self) -> tuple[dict[str, cpt_law.CptLaw], str]:
+        """The shift's continual-pre-training laws (cached while the store lacks none of their runs)."""
+        key = (self.scale.value, self.shift.value, self.device.value)
+        if key not in self._cpt_fits or not self._cpt_fits[key][0]:
+            try:
+                self._cpt_fits[key] = cpt_law.launcher_laws(key[1], self.store, key[0], key[2])
+            except ValueError as exc:
+                self._cpt_fits[key] = ({}, str(exc))
+        return self._cpt_fits[key]
+
+    def suggest(self) -> None:
+        """What "suggest" does: set the replay fraction, a cosine schedule and the max LR to the planner's
+        choice for the weights (``d0_weight`` on D0, the rest on D1); ``plan`` and ``plan_text`` say it."""
+        cpt, note = self._cpt_laws()
+        if not cpt:
+            self.plan, self.plan_text.value = None, html.escape(f"no suggestion: {note}")
+            return
+        w0 = self.d0_weight.value
+        base = E.base_run(self.scale.value, device=self.device.value)
+        tokens = int(self.schedule.tokens_per_stage.value)
+        self.plan = p = cpt_law.plan(cpt, base, self.scale.value, w0, 1 - w0, tokens, store=self.store)
+        with self.schedule.hold():
+            self.schedule.kind.value = "cosine"
+            self.schedule.max_lr.value = p.max_lr
+        self.replay.value = 100 * p.replay  # redraws the prediction for the suggested run
+        self.plan_text.value = html.escape(
+            f"suggested: {100 * p.replay:g}% replay, max LR {p.max_lr:.3g}; predicted final D0 {p.d0:.3f} "
+            f"(+{p.d0_rise:.3f} over the base model), D1 {p.d1:.3f}")
 
     def _redraw(self) -> None:
         """Draw the base model's and this run's D0 / D1 losses and this run's LR against tokens."""
