@@ -33,12 +33,14 @@ def write_cpt_run(store: RunStore, run: E.Run, every: int = 2) -> None:
     """A finished run in ``store`` whose losses the true laws generated, every ``every`` steps."""
     lr = L.lr_history(run)
     start = len(lr) - sum(L.stage_steps(run.config))
-    steps = np.array(sorted({*range(start + every, len(lr) + 1, every), len(lr)} | ({start} if start else set())))
+    steps = sorted({*range(start + every, len(lr) + 1, every), len(lr)} | ({start} if start else set()))
+    steps = np.array(steps)
     losses = {name: true_loss(run, name, steps) for name in run.config.eval.sets}
     t = run.config.train
     path = store.path(run.experiment, run.run_id)
     path.mkdir(parents=True)
-    lines = [{"step": int(s), "tokens": int(s) * t.batch_size * t.seq_len, "stage": run.config.stages[-1].name,
+    stage = run.config.stages[-1].name
+    lines = [{"step": int(s), "tokens": int(s) * t.batch_size * t.seq_len, "stage": stage,
               "lr": float(lr[s - 1]), "val": {n: float(v[i]) for n, v in losses.items()}}
              for i, s in enumerate(steps)]
     (path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
