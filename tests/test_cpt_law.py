@@ -106,17 +106,20 @@ def test_the_planner_weighs_d0_against_d1(store):
     assert verdict["measured best"] == 0.5 and verdict["within"]
 
 
-def test_open_model_fits_s1pt_without_the_base_history(store):
-    fit, held = C.shift_runs(SHIFT, "smoke")
-    v = C.validate_shift(SHIFT, fit, held, frame_of(store), store, open_model=True)
-    law = v.laws["D1"]
-    assert law.open_model and "S1pt" in law.params and "(fitted)" in law.formula()
-    assert base_points_left_out(law, fit)
-    assert v.table[v.table["set"].str.startswith("D1")]["error %"].abs().max() < 2.0
-
-
-def base_points_left_out(law: C.CptLaw, fit) -> bool:
-    return set(law.runs) == {f"{r.experiment}/{r.name}" for r in fit}
+def test_study_validates_open_models_and_judges_the_planner(store):
+    st = C.study(frame_of(store), "smoke")
+    assert set(st.validations) == {SHIFT} == set(st.open_validations) == set(st.verdicts.index)
+    law = st.open_validations[SHIFT].laws["D1"]
+    fit = C.shift_runs(SHIFT, "smoke")[0]
+    assert law.open_model and "(fitted)" in law.formula()
+    assert set(law.runs) == {f"{r.experiment}/{r.name}" for r in fit}  # the base's history left out
+    opened = st.open_models()
+    assert opened.loc[(SHIFT, f"D1 ({paper.SHIFTS[SHIFT]})"), "|error| % open"] < 2.0
+    history = L.lr_history(E.base_run("smoke")).sum() / 3e-3  # the base's forward area, at its max LR
+    assert opened["S1pt of the history"].iloc[0] == pytest.approx(history)
+    assert len(st.held_out()) == 2 * len(C.shift_runs(SHIFT, "smoke")[1])
+    assert st.params().loc[(SHIFT, f"D0 ({paper.D0})"), "B"] > 0
+    assert bool(st.verdicts.loc[SHIFT, "within"])  # the laws are the truth here
 
 
 def test_bad_inputs_name_the_field(store):

@@ -352,6 +352,8 @@ def test_report_file_with_figures_and_tables(good, tmp_path):
         assert f"### {title}" in text
     assert "| 0% | 3.205 ± 0.007 | 2.440 |" in text  # ours (mean ± std over 2 seeds) next to the paper's
     assert "Finished runs: " in text
+    cpt = text[text.index("### Forgetting predicted before training"):]  # the CPT law, judged in code
+    assert "Targets " in cpt and "Open models" in cpt and "Planner (equal weights" in cpt
 
 
 def test_figures_for_prefers_keywords_and_falls_back_to_the_notebook(tmp_path):

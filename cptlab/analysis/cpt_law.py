@@ -184,7 +184,7 @@ def fit_cpt_law(points: Points, loss_set: str, open_model: bool = False,
     if points.n < n_params + 1:
         raise ValueError(f"runs: the law has {n_params} parameters; fitting needs at least {n_params + 1} "
                          f"evaluations of {loss_set}, got {points.n}")
-    lr_ref = max(float(h[0].max()) for h in points.histories)
+    lr_ref = max(float(h[0][h[1] if open_model else 0:].max()) for h in points.histories)
     y = np.concatenate([h[3] for h in points.histories])
     if lambdas is None:
         longest = max(len(h[0]) - h[1] for h in points.histories)
@@ -490,3 +490,83 @@ def launcher_laws(shift: str, store: RunStore, scale: str | Scale,
         return {}, f"the continual-pre-training law needs the finished runs {', '.join(missing)}"
     laws = fit_shift(shift, fit, load_runs(needed, store), store)
     return laws, f"continual-pre-training law fitted on {', '.join(f'{r.experiment}/{r.name}' for r in fit)}"
+
+
+# -- the study of a scale (notebook 09_predict, REPORT.md) --------------------------------------------
+
+@dataclass
+class Study:
+    """The law validated per shift (with the base model's history and as an open model without it), the
+    planner's verdicts, and the tables that REPORT.md and notebook 09_predict show."""
+
+    validations: dict[str, ShiftValidation]
+    open_validations: dict[str, ShiftValidation]
+    verdicts: pd.DataFrame
+
+    def held_out(self) -> pd.DataFrame:
+        parts = [v.table for v in self.validations.values() if not v.table.empty]
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+    def params(self) -> pd.DataFrame:
+        return params_table({shift: v.laws for shift, v in self.validations.items()})
+
+    def open_models(self) -> pd.DataFrame:
+        """Per shift and set: S1pt fitted without the base's history against the history's, and the
+        held-out errors of both fits."""
+        rows = {}
+        for shift, v in self.open_validations.items():
+            full = self.validations[shift]
+            for key, law in v.laws.items():
+                known = full.laws[key]
+                lr, switch = _any_history(full, key)
+                mine, theirs = v.table[v.table["set"].str.startswith(key)], full.table
+                theirs = theirs[theirs["set"].str.startswith(key)]
+                rows[(shift, f"{key} ({law.loss_set})")] = {
+                    "S1pt fitted": law.params["S1pt"],
+                    "S1pt of the history": float(lr[:switch].sum() / known.lr_ref),
+                    "|error| % open": float(mine["error %"].abs().mean()),
+                    "|error| % with history": float(theirs["error %"].abs().mean()),
+                    "met open": f"{int(mine['met'].sum())}/{len(mine)}",
+                    "met with history": f"{int(theirs['met'].sum())}/{len(theirs)}"}
+        table = pd.DataFrame.from_dict(rows, orient="index")
+        if len(table):
+            table.index.names = ["shift", "set"]
+        return table
+
+
+def _any_history(v: ShiftValidation, key: str) -> tuple[np.ndarray, int]:
+    curve, _ = next(c for (run, k), c in v.curves.items() if k == key)
+    return curve.lr, curve.start
+
+
+def sweep_objective(shift: str, frame: pd.DataFrame, scale: str | Scale = "tiny", device: str = "auto",
+                    w0: float = 1.0, w1: float = 1.0, store: RunStore | None = None) -> pd.Series:
+    """Measured w0 D0 + w1 D1 at the last evaluation of each replay fraction of ``shift``'s sweep (seed 0)
+    found in ``frame``."""
+    out = {}
+    for run in E.replay_sweep(shift, scale, (0,), device):
+        if run.labels.get("role") != "continual":
+            continue
+        try:
+            d0, d1 = (L.run_curve(run, frame, name, store).loss[-1] for name in (paper.D0, run.labels["d1"]))
+        except (ValueError, IndexError):
+            continue
+        out[replay_of(run)] = w0 * d0 + w1 * d1
+    return pd.Series(out, dtype=float).sort_index()
+
+
+def study(frame: pd.DataFrame, scale: str | Scale = "tiny", device: str = "auto",
+          store: RunStore | None = None, w0: float = 1.0, w1: float = 1.0) -> Study:
+    """Validate the law on every shift in ``frame`` (with and without the base's history) and judge the
+    planner's replay fraction against the replay sweep for weights ``w0``, ``w1``."""
+    full = validate_frame(frame, scale, device, store)
+    opened = validate_frame(frame, scale, device, store, open_model=True)
+    rows = {}
+    for shift, v in full.items():
+        sweep = sweep_objective(shift, frame, scale, device, w0, w1, store)
+        if len(sweep) >= 2:
+            base = shift_runs(shift, scale, device)[0][0].needs[0]
+            rows[shift] = planner_verdict(v.laws, base, sweep, scale, w0, w1, store)
+    verdicts = pd.DataFrame.from_dict(rows, orient="index")
+    verdicts.index.name = "shift"
+    return Study(full, opened, verdicts)

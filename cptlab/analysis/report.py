@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cptlab.analysis import cpt_law as CPT
 from cptlab.analysis import findings as F
 from cptlab.analysis import laws as L
 from cptlab.analysis import metrics as M
@@ -197,9 +198,44 @@ def _predictions_section(res: T.Results, figures: list[Path], out_dir: Path) -> 
               L.summary(validation.table) + " Runs trained on other data than the fitted runs show what the "
               "law misses across a data shift: it has no term for one.", ""]
     lines += _replay_law_lines(T.finals_of(res, "replay"))
+    lines += _cpt_law_lines(res)
     mine = [p.relative_to(out_dir) for p in figures if p.relative_to(out_dir).parts[0] == "09_predict"]
     lines += [f"![{p.stem}]({p.as_posix()})" for p in mine] or ["Figures: none (run notebook 09_predict)."]
     return lines + [""]
+
+
+CPT_EXPERIMENTS = ("base", "replay", "max_lr", "warmup")  # where cpt_law's runs are
+
+
+def _cpt_law_lines(res: T.Results) -> list[str]:
+    """The continual-pre-training law: parameters, the held-out table with its targets judged, open
+    models, and the planner's row."""
+    frames = [res.frame(k) for k in CPT_EXPERIMENTS if len(res.frame(k))]
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    st = res.cached("cpt_law", lambda: CPT.study(frame, res.scale or "tiny")) if len(frame) else None
+    lines = ["### Forgetting predicted before training", "",
+             "The continual-pre-training law of Wang, Tissue et al. (arXiv 2505.07796, Eq. 4, with a replay "
+             "term B exp(-kappa r)), fitted per shift and eval set on three continual runs "
+             f"({', '.join(f.format(shift='<shift>') for f in CPT.FIT_RUNS)}) and their base model's "
+             "history, asked about every other continual run of the shift (`cptlab.analysis.cpt_law`, "
+             "notebook `09_predict`). Targets: final D1 within 1%; D0's forgetting within max(0.02 nats, 15% "
+             "of it); on at least 80% of the held-out runs. `schedule law`: the schedule law fitted on the "
+             "same three runs.", ""]
+    if st is None or st.held_out().empty:
+        return lines + ["not run", ""]
+    judged = CPT.judge(st.held_out())
+    lines += [md_table(st.params()), "", md_table(st.held_out()), "", md_table(judged), ""]
+    missed = [f"{shift} {name}" for shift, name in judged.index[~judged["target met"]]]
+    lines += ["**Targets met** on every shift and set." if not missed else
+              f"**Targets not met** for: {', '.join(missed)}.", "",
+              "Open models (S1pt fitted, the base model's history hidden from the fit):", "",
+              md_table(st.open_models()), ""]
+    if len(st.verdicts):
+        within = bool(st.verdicts["within"].all())
+        lines += [f"Planner (equal weights on D0 and D1, at the scale's max LR): replay fraction within one "
+                  f"step of the sweep's measured best: **{'yes' if within else 'no'}**.", "",
+                  md_table(st.verdicts), ""]
+    return lines
 
 
 def _replay_law_lines(finals: pd.DataFrame) -> list[str]:
