@@ -204,6 +204,8 @@ def test_run_launcher_trains_in_the_browser(browser, lab, tmp_path):
     live = page.locator(".widget-image").last
     page.wait_for_function("img => img.src && img.naturalWidth > 0", arg=live.element_handle())
     before = live.get_attribute("src")
+    page.locator("button.widget-button", has_text="suggest").click()  # the planner, or why there is none
+    _wait(page, page.locator(".widget-html", has_text=re.compile(r"^(suggested|no suggestion)")), tmp_path)
     train.click()
     _wait(page, page.locator(".widget-html", has_text=re.compile(r"^(done|.*already trained)")), tmp_path,
           timeout=600_000)

@@ -16,6 +16,7 @@
     -  plot_forgetting_matrices  loss after each dataset on every dataset, one heatmap per method (sequences)
     -  plot_sequence_curves   loss on every dataset vs tokens through a sequence of datasets   (sequences)
     -  plot_predictions       predicted (dashed) vs measured (solid) loss curves of held-out runs (predict)
+    -  plot_cpt_predictions   CPT law: held-out runs' D0 / D1 predicted (dashed) vs measured       (predict)
     -  plot_prediction_errors final-loss and mean curve error of each held-out run                 (predict)
     -  plot_replay_law        D0 forgetting and D1 loss vs replay fraction: runs, law, left-out    (predict)
     -  plot_predicted_losses  predicted loss of schedules never trained                            (predict)
@@ -38,6 +39,7 @@ from cptlab.viz.curves import (
 from cptlab.viz.finals import plot_compute_vs_loss, plot_replay_table
 from cptlab.viz.merges import plot_interpolation
 from cptlab.viz.predict import (
+    plot_cpt_predictions,
     plot_predicted_losses,
     plot_prediction_errors,
     plot_predictions,
@@ -50,5 +52,6 @@ from cptlab.viz.sequences import plot_forgetting_matrices, plot_sequence_curves
 __all__ = ["format_tokens", "save_figure", "schedule_curve", "plot_schedules", "plot_paper_schedules",
            "plot_compute_vs_loss", "plot_warmup", "plot_max_lr", "plot_replay_curves", "plot_replay_table",
            "plot_rewarm_same_data", "plot_infinite", "plot_forgetting", "plot_scale_forgetting",
-           "plot_scale_compute", "plot_interpolation", "plot_predictions", "plot_prediction_errors",
-           "plot_replay_law", "plot_predicted_losses", "plot_forgetting_matrices", "plot_sequence_curves"]
+           "plot_scale_compute", "plot_interpolation", "plot_predictions", "plot_cpt_predictions",
+           "plot_prediction_errors", "plot_replay_law", "plot_predicted_losses", "plot_forgetting_matrices",
+           "plot_sequence_curves"]

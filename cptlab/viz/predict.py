@@ -11,6 +11,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from cptlab.analysis import cpt_law as CPT
 from cptlab.analysis import laws as L
 from cptlab.analysis import replay_law as R
 from cptlab.viz import common as C
@@ -58,6 +59,36 @@ def plot_predictions(validation: L.Validation, families: Sequence[str] | None = 
     text = title or "Loss predicted by the schedule law (dashed) against the runs (solid)"
     if own:
         fig.suptitle(text)
+    return fig
+
+
+def plot_cpt_predictions(validation: CPT.ShiftValidation, axes: C.AxesArg = None,
+                         title: str | None = None) -> Figure:
+    """A shift's continual-pre-training law (``cpt_law.validate_shift``): per eval set (D0, D1) every
+    held-out run's measured loss (solid, its evaluations as dots) and the law's prediction at those
+    evaluations (dashed, same colour)."""
+    fig, panels, own = C.panels(axes, 2, (16.0, 5.0))
+    runs = sorted({run for run, _ in validation.curves})
+    colors = dict(zip(runs, C.colors(len(runs), "plasma")))
+    for ax, key in zip(panels, ("D0", "D1")):
+        shown: list[float] = []
+        for (run, k), (curve, predicted) in validation.curves.items():
+            if k != key:
+                continue
+            ax.plot(curve.tokens, curve.loss, "o-", ms=3.5, color=colors[run], label=run.split("/")[-1])
+            ax.plot(curve.tokens, predicted, "--", color=colors[run], lw=1.3)
+            shown += curve.loss.tolist()
+        law = validation.laws[key]
+        C.focus(ax, shown)
+        C.tokens_axis(ax)
+        ax.set_ylabel(f"validation loss ({law.loss_set})")
+        fitted = ", ".join(r.split("/")[-1] for r in validation.fit)
+        ax.set_title(f"{validation.shift} shift, {key}\nfit: {fitted}", fontsize="medium")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small", ncol=2, title="measured (solid), predicted (dashed)",
+                  title_fontsize="x-small")
+    if own:
+        fig.suptitle(title or "Continual-pre-training law: held-out runs predicted (dashed), measured")
     return fig
 
 
