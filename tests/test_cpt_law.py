@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cptlab import viz
 from cptlab.analysis import cpt_law as C
 from cptlab.analysis import laws as L
 from cptlab.analysis.runs import load_runs
@@ -120,6 +121,9 @@ def test_study_validates_open_models_and_judges_the_planner(store):
     assert len(st.held_out()) == 2 * len(C.shift_runs(SHIFT, "smoke")[1])
     assert st.params().loc[(SHIFT, f"D0 ({paper.D0})"), "B"] > 0
     assert bool(st.verdicts.loc[SHIFT, "within"])  # the laws are the truth here
+    fig = viz.plot_cpt_predictions(st.validations[SHIFT])  # measured and predicted, per held-out run
+    held = len(C.shift_runs(SHIFT, "smoke")[1])
+    assert len(fig.axes) == 2 and [len(ax.lines) for ax in fig.axes] == [2 * held, 2 * held]
 
 
 def test_bad_inputs_name_the_field(store):
