@@ -404,7 +404,7 @@ class RunLauncher:
         self.replay.value = 100 * p.replay  # redraws the prediction for the suggested run
         self.plan_text.value = html.escape(
             f"suggested: {100 * p.replay:g}% replay, max LR {p.max_lr:.3g}; predicted final D0 {p.d0:.3f} "
-            f"(+{p.d0_rise:.3f} over the base model), D1 {p.d1:.3f}")
+            f"({p.d0_rise:+.3f} over the base model), D1 {p.d1:.3f}")
 
     def _redraw(self) -> None:
         """Draw the base model's and this run's D0 / D1 losses and this run's LR against tokens."""

@@ -77,7 +77,7 @@ def plot_cpt_predictions(validation: CPT.ShiftValidation, axes: C.AxesArg = None
                 continue
             ax.plot(curve.tokens, curve.loss, "o-", ms=3.5, color=colors[run], label=run.split("/")[-1])
             ax.plot(curve.tokens, predicted, "--", color=colors[run], lw=1.3)
-            shown += curve.loss.tolist()
+            shown += [*curve.loss.tolist(), *np.asarray(predicted).tolist()]
         law = validation.laws[key]
         C.focus(ax, shown)
         C.tokens_axis(ax)
