@@ -515,7 +515,9 @@ class Study:
         held-out errors of both fits."""
         rows = {}
         for shift, v in self.open_validations.items():
-            full = self.validations[shift]
+            full = self.validations.get(shift)
+            if full is None or v.table.empty or full.table.empty:
+                continue
             for key, law in v.laws.items():
                 known = full.laws[key]
                 lr, switch = _any_history(full, key)
@@ -535,7 +537,8 @@ class Study:
 
 
 def _any_history(v: ShiftValidation, key: str) -> tuple[np.ndarray, int]:
-    curve, _ = next(c for (run, k), c in v.curves.items() if k == key)
+    """The LR history and switch of one of ``v``'s held-out runs (they share the base model's)."""
+    curve, _ = next(c for (_, k), c in v.curves.items() if k == key)
     return curve.lr, curve.start
 
 
