@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder that holds cptlab/
+NOTEBOOK_DIR = PACKAGE_ROOT / "notebooks"
 
 
 def notebook_parameters(path: Path) -> dict[str, Any]:
@@ -37,6 +38,7 @@ def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device
     runs_summary.md and runs_summary.json. ``deadline``: seconds from now after which no run starts
     (the runs still training are stopped and the experiments' priority, ``scheduler.PRIORITY``, decides
     which start first); the notebooks and the report then use the runs that finished."""
+    called = time.time()  # the deadline counts from the call, not from after the imports (torch: seconds)
     from cptlab.study.runner import DEADLINE_ENV
     from cptlab.training.store import runs_root
 
@@ -44,9 +46,12 @@ def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device
     paths = [Path(p) for p in notebooks] if notebooks else sorted(NOTEBOOK_DIR.glob("[0-9]*.ipynb"))
     parameters = {path: _parameters(path) for path in paths}  # every notebook read before any work
     if deadline is not None:  # the notebooks' kernels start no run after it either
-        os.environ[DEADLINE_ENV] = str(time.time() + deadline)
-    # The kernels run in notebooks/: give them (and the report) the run store as an absolute path.
+        os.environ[DEADLINE_ENV] = str(called + deadline)
+    # The kernels run in notebooks/: give them (and the report) the run store as an absolute path, and
+    # this cptlab on their path (an uninstalled checkout too).
     os.environ["CPTLAB_RUNS"] = str(runs_root())
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH"))
+                                               if p)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     failed = []
@@ -139,12 +144,12 @@ def _parameters(path: Path) -> dict[str, Any]:
 
 def _execute(path: Path, executed: Path, parameters: dict[str, Any]) -> bool:
     """Execute one notebook into ``executed`` with papermill (saved with its error if it fails); says how it
-    went and returns whether it succeeded."""
-    import papermill  # imported here: a second or two that `cptlab --help` need not pay
-
+    went and returns whether it succeeded (not without papermill: the report is still written)."""
     start = time.perf_counter()
     print(f"[batch] {executed.stem}: running at scale {parameters.get('scale')} ...", flush=True)
     try:
+        import papermill  # imported here: a second or two that `cptlab --help` need not pay
+
         papermill.execute_notebook(str(path), str(executed), parameters=parameters, cwd=str(path.parent),
                                    progress_bar=False)
         status = "ok"

@@ -32,15 +32,25 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 def _cmd_corpora(args: argparse.Namespace) -> int:
     from cptlab import data
-    from cptlab.config import RunConfig, TokenizerConfig
+    from cptlab.config import ConfigError, RunConfig, TokenizerConfig
 
     if args.action:
         return _fetch_pack(args)
     user = RunConfig.load(args.config).corpora if args.config else {}
     registry = data.Registry(user)
-    tok_cfg = TokenizerConfig(kind=args.tokenizer, vocab_size=args.vocab_size)
+    names, vocab_size = None, args.vocab_size
+    if args.scale:  # the scale's vocabulary and the corpora its experiments read, nothing else
+        from cptlab.study import paper
+        from cptlab.study.scales import get_scale
+
+        try:
+            vocab_size = get_scale(args.scale).vocab_size
+        except ValueError as exc:
+            raise ConfigError(f"--{exc}") from None
+        names = list(paper.CORPORA)
+    tok_cfg = TokenizerConfig(kind=args.tokenizer, vocab_size=vocab_size)
     tokenizer = data.load_tokenizer(tok_cfg, registry)
-    data.print_corpora_table(registry, tokenizer, as_json=args.json)
+    data.print_corpora_table(registry, tokenizer, as_json=args.json, names=names)
     return 0
 
 
@@ -143,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a run config whose user corpora to include")
     p.add_argument("--tokenizer", default="bpe", choices=["bpe", "byte"])
     p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--scale", help="only the corpora the scale's experiments read, at its vocabulary size "
+                                   "(what a run of the scale needs cached)")
     p.add_argument("--json", action="store_true", help="one JSON object per corpus")
     p.add_argument("--workers", type=int, default=None, help="fetch: extracting processes (default: cores)")
     p.add_argument("--rebuild", action="store_true",

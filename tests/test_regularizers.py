@@ -172,6 +172,17 @@ def test_ewc_penalty_gradient_is_the_penalty_s_gradient():
     assert ewc.take_penalty() == pytest.approx(float(penalty.detach()), rel=1e-5)
 
 
+def test_ewc_penalty_is_summed_on_the_parameters_device():
+    """On CUDA a CPU accumulator refuses the in-place add of a CUDA sum; ``meta`` stands in for a device
+    other than the CPU."""
+    start, model = _model(0).to("meta"), _model(1).to("meta")
+    fisher = {n: torch.empty_like(p) for n, p in start.named_parameters()}
+    ewc = regularizers.EWC(start, fisher, weight=3.0, flops_per_token=1, fisher_tokens=0)
+    penalty = ewc.penalty_grad(model)
+    assert penalty.device.type == "meta" and penalty.dim() == 0
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters())
+
+
 def test_fisher_is_the_mean_squared_per_sequence_gradient():
     model = _model(0)
     tokens = np.random.default_rng(0).integers(0, 64, 5000).astype(np.uint16)

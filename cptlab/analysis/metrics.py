@@ -70,13 +70,17 @@ def _set_losses(table: pd.DataFrame, label: str) -> pd.Series:
     return values
 
 
-def final_losses(df: pd.DataFrame, k: int = K_FINAL, stage: str | None = None) -> pd.DataFrame:
+def final_losses(df: pd.DataFrame, k: int = K_FINAL, stage: str | None = None,
+                 finished_only: bool = True) -> pd.DataFrame:
     """One row per run: its labels, the final loss per eval set (``val_<set>``: mean of the last ``k``
     evaluations of its last stage, or of ``stage``; start evaluations excluded), ``D0`` and ``D1`` (the
     final losses on the run's ``d0`` / ``d1`` sets), ``avg`` (mean of D0 and D1, the paper's "Avg"),
     ``tokens`` (of its last evaluation), ``stage`` and ``n_evals`` (how many evaluations were averaged).
-    Runs without an evaluation in that stage are left out."""
+    Runs without an evaluation in that stage are left out, and so are unfinished runs (``done`` False:
+    stopped by a deadline, say; their last losses are not final) unless ``finished_only`` is False."""
     empty = pd.DataFrame(columns=["run_id", "D0", "D1", "avg", "n_evals"])
+    if finished_only and "done" in df.columns:
+        df = df[df["done"].astype(bool)]
     if df.empty:
         return empty
     evals = df[~start_rows(df)].sort_values("step", kind="stable")

@@ -31,6 +31,9 @@ from cptlab.training.rundir import RunDir
 from cptlab.training.store import RunStore
 
 
+ROW_COLUMNS = ("variant", "method", "weight", "after", "position", "flops", "vocab_size")  # and val_<set>
+
+
 def sequence_rows(runs: list, root: str | Path | RunStore | None = None) -> pd.DataFrame:
     """One row per (method variant, dataset end) of the sequence runs among ``runs``
     (``cptlab.study.experiments.Run`` labelled ``role: sequence``): ``variant``, ``method``, ``weight``,
@@ -61,7 +64,7 @@ def sequence_rows(runs: list, root: str | Path | RunStore | None = None) -> pd.D
                    "after": dataset, "position": labels["datasets"].index(dataset)}
             row.update({c: end[c] for c in frame.columns if c.startswith("val_")})
             rows.append({**row, **cost})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=ROW_COLUMNS)  # none finished: no row
 
 
 def _flops(run: RunDir, cfg: RunConfig, compute_tokens: int) -> float:

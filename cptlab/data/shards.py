@@ -313,12 +313,14 @@ COLUMNS = ("name", "language", "domain", "documents", "characters", "train_token
 
 
 def corpora_table(registry: Registry | None = None, tokenizer: Tokenizer | None = None,
-                  cache_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    """One row per corpus (tokenising what is not cached yet): the ``COLUMNS`` above."""
+                  cache_dir: str | os.PathLike | None = None,
+                  names: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per corpus, or per corpus of ``names`` (tokenising what is not cached yet): the ``COLUMNS``
+    above."""
     registry = registry or Registry()
     tokenizer = tokenizer or load_tokenizer(TokenizerConfig(), registry, cache_dir)
     rows = []
-    for name in registry.names():
+    for name in registry.names() if names is None else names:
         info = registry.info(name)
         meta = shard_meta(name, tokenizer, registry, cache_dir)
         rows.append(dict(name=name, language=info["language"], domain=info["domain"],
@@ -330,14 +332,14 @@ def corpora_table(registry: Registry | None = None, tokenizer: Tokenizer | None 
 
 def print_corpora_table(registry: Registry | None = None, tokenizer: Tokenizer | None = None,
                         cache_dir: str | os.PathLike | None = None, file: TextIO | None = None,
-                        as_json: bool = False) -> None:
-    """Print ``corpora_table`` as aligned columns (what ``cptlab corpora`` shows), then a line naming the
-    docs pack's corpora that are not built; ``as_json``: one JSON object per corpus instead (the line about
-    unbuilt corpora goes to stderr)."""
+                        as_json: bool = False, names: list[str] | None = None) -> None:
+    """Print ``corpora_table`` (of ``names`` only, if given) as aligned columns (what ``cptlab corpora``
+    shows), then a line naming the docs pack's corpora that are not built; ``as_json``: one JSON object per
+    corpus instead (the line about unbuilt corpora goes to stderr)."""
     registry = registry or Registry()
-    rows = corpora_table(registry, tokenizer, cache_dir)
+    rows = corpora_table(registry, tokenizer, cache_dir, names)
     out = file or sys.stdout
-    unbuilt = registry.unbuilt()
+    unbuilt = registry.unbuilt() if names is None else []
     note = f"not built: {', '.join(unbuilt)} (run `cptlab corpora fetch docs`)" if unbuilt else ""
     if as_json:
         for row in rows:

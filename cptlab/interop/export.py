@@ -167,7 +167,7 @@ def model_card(run: RunDir, cfg: RunConfig, stage: str) -> str:
               f"{t.batch_size} x {t.seq_len} tokens.", ""]
     frame = eval_frame(run)
     if len(frame):
-        finals = final_losses(frame, stage=stage)
+        finals = final_losses(frame, stage=stage, finished_only=False)  # the stage ended: its checkpoint
         sets = [c for c in finals.columns if c.startswith("val_")]
         if len(finals) and sets:
             lines += ["## Final validation losses (mean of the stage's last 2 evaluations)", "",

@@ -15,6 +15,7 @@ from typing import Any
 # -- the lab's stand-ins for the paper's data (shipped corpora) -----------------------------------
 D0 = "en-man"  # the paper's Pile
 SHIFTS = {"weak": "en-docs", "strong": "de-man"}  # the paper's SlimPajama and German Common Crawl
+CORPORA = (D0, *SHIFTS.values())  # every corpus the experiments read (``cptlab corpora --scale``)
 
 # -- the design of the experiments ---------------------------------------------------------------
 REPLAY_FRACTIONS = (0.0, 0.01, 0.05, 0.10, 0.25, 0.50)  # compute-equivalent replay of D0

@@ -159,8 +159,9 @@ def train_runs(runs: list[Run], root: str | Path | RunStore | None = None, worke
     pending = [r for r in todo if not is_done(r, store)]
     if executor is not None:
         workers = executor.slots
-    elif workers is None:
-        workers = default_workers(device, pending)
+    elif workers is None:  # past the deadline nothing starts: no CUDA context to size the workers by
+        late = deadline_at is not None and time.monotonic() >= deadline_at
+        workers = 1 if late else default_workers(device, pending)
     if workers < 1:
         raise ValueError(f"--workers: must be >= 1, got {workers}")
     tracker = scheduler.Tracker(todo, pending, store, log, deadline_at)

@@ -75,18 +75,24 @@ class EWC(Regularizer):
         self.weight = weight
         self.setup_flops = fisher_tokens * flops_per_token  # a forward and backward pass per token
 
-    @torch.no_grad()
     def add_penalty_grad(self, model: nn.Module) -> None:
-        penalty = torch.zeros((), dtype=torch.float64)
-        for name, p in model.named_parameters():
-            if name not in self.fisher:
-                continue
+        self._record(float(self.penalty_grad(model)))
+
+    @torch.no_grad()
+    def penalty_grad(self, model: nn.Module) -> torch.Tensor:
+        """Add the penalty's gradient to ``.grad``; return the penalty, a scalar on the parameters' device
+        (summed there: no host round trip per parameter; float64 where the device has it)."""
+        params = [(name, p) for name, p in model.named_parameters() if name in self.fisher]
+        device = params[0][1].device if params else torch.device("cpu")
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        penalty = torch.zeros((), dtype=dtype, device=device)
+        for name, p in params:
             delta = p.detach() - self.anchor[name]
             weighted = self.fisher[name] * delta
             grad = weighted.mul(self.weight)
             p.grad = grad if p.grad is None else p.grad.add_(grad)
-            penalty += (weighted * delta).sum(dtype=torch.float64)
-        self._record(0.5 * self.weight * float(penalty))
+            penalty += (weighted * delta).sum(dtype=dtype)
+        return penalty.mul_(0.5 * self.weight)
 
 
 class LwF(Regularizer):

@@ -54,7 +54,7 @@ def plot_sequence_curves(df: pd.DataFrame, variants: Sequence[str], datasets: Se
         col = f"val_{dataset}"
         if len(base) and col in base:
             C.draw(ax, base, col, label=C.BASE_LABEL, **C.BASE_STYLE)
-        for variant in variants:
+        for variant in variants if len(ours) else ():  # none finished: the base model's curve alone
             rows = ours[(ours["variant"] == variant) & ~ours["name"].str.contains("anneal")]
             if col in rows and len(rows):
                 C.draw(ax, rows, col, label=variant, color=palette[variant], linewidth=1.4)
