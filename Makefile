@@ -13,7 +13,7 @@ export HF_UPDATE_DOWNLOAD_COUNTS := 0
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install test lint reproduce lab docs bench clean
+.PHONY: install test lint reproduce lab docs bench clean gpu-bundle gpu-rehearsal
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,15 @@ docs: install
 
 bench: install
 	$(PY) benchmarks/throughput.py
+
+# The GPU path (docs/gpu.md): gpu-bundle/ holds the wheels the GPU image lacks (Python 3.12, manylinux) and
+# the small scale's token cache, <= 64 MiB; gpu-rehearsal runs scripts/gpu_reproduce.sh on this CPU with the
+# image's packages (build/rehearsal/venv) and a bundle of the same recipe for this Python.
+gpu-bundle: install
+	$(PY) scripts/gpu_bundle.py --out gpu-bundle --python-version 3.12 --scale small
+
+gpu-rehearsal: install
+	PYTHON=$(PYTHON) scripts/gpu_rehearsal.sh all
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache site .cache/mkdocs-jupyter

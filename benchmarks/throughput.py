@@ -57,11 +57,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cptlab.config import ModelConfig, TrainConfig
-from cptlab.schedules import ScheduleConfig
-from cptlab.study import scheduler
-from cptlab.training import runtime
-from cptlab.training.model import GPT
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # run as a file from a checkout: this checkout's cptlab, installed or not
+    sys.path.insert(0, REPO)
+
+from cptlab.config import ModelConfig, TrainConfig  # noqa: E402
+from cptlab.schedules import ScheduleConfig  # noqa: E402
+from cptlab.study import scheduler  # noqa: E402
+from cptlab.training import runtime  # noqa: E402
+from cptlab.training.model import GPT  # noqa: E402
 
 # -- 1. matmul peak --------------------------------------------------------------------------------
 
@@ -352,6 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="then measure N copies side by side (0: as many as cptlab batch would train)")
     p.add_argument("--out", help="also write the JSON to this file")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one of --processes' copies
+    p.add_argument("--barrier", help=argparse.SUPPRESS)  # a copy's start line: a folder (see side_by_side)
     args = p.parse_args(argv)
     if args.scale:
         apply_scale(args)
@@ -395,12 +400,16 @@ def main(argv: list[str] | None = None) -> dict:
         timers["ref"], steps["ref"] = Timer(), ref_step
     per_round = max(1, args.steps // args.rounds)
     lab_state["sample_s"] = 0.0
+    if args.barrier:  # the copies side by side start their timed steps together
+        wait_at_barrier(args.barrier)
+    timed_from = time.time()
     for _ in range(args.rounds):
         for name in steps:
             for _ in range(per_round):
                 timers[name](steps[name])
         if not (args.child or args.no_peak):  # side by side, sampling the peak would slow the other copies
             update_peak(peak, device, sizes=(2048,), repeats=2)  # a shared machine slows any one sample
+    timed_until = time.time()
     if not (args.child or args.no_peak):
         update_peak(peak, device)
 
@@ -415,6 +424,7 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_flops": peak[precision], "peak_flops_fp32": peak["fp32"], "peak_flops_bf16": peak["bf16"],
         "minor_faults_per_step": statistics.median(lab.faults), "final_loss": lab_state["loss"],
         "sys_ms_per_step": 1e3 * statistics.mean(lab.sys_times),
+        "timed_from": timed_from, "timed_until": timed_until, "tokens_timed": tokens * len(lab.times),
         "dims": {k: getattr(args, k) for k in ("n_layer", "n_head", "d_model", "seq_len", "batch_size",
                                                "vocab_size")},
     }
@@ -462,7 +472,9 @@ def main(argv: list[str] | None = None) -> dict:
         say(f"{c['processes']} processes side by side: {c['tokens_per_s']:,.0f} tokens/s together "
             f"({c['flops_per_s'] / 1e12:.2f} TFLOP/s" + (f", MFU {c['mfu_dense_bf16']:.1%} of the "
                                                          f"{out['peak_dense_bf16_part']} dense bf16 peak)"
-                                                         if "mfu_dense_bf16" in c else ")"))
+                                                         if "mfu_dense_bf16" in c else ")")
+            + (f"; timed steps overlapping {c['overlap']:.0%}" if "overlap" in c else "")
+            + (f"; {len(c['failed'])} FAILED: {c['failed'][0]}" if c["failed"] else ""))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=2)
@@ -513,22 +525,61 @@ def gpu_peak_line(out: dict) -> str:
             f"({out['peak_dense_bf16'] / 1e12:.0f} TFLOP/s)")
 
 
+def wait_at_barrier(folder: str, timeout: float = 300.0) -> None:
+    """Say this copy is warmed up (a file ``ready-<pid>`` in ``folder``), then wait for ``folder``/go."""
+    open(os.path.join(folder, f"ready-{os.getpid()}"), "w").close()
+    end = time.monotonic() + timeout
+    while not os.path.exists(os.path.join(folder, "go")) and time.monotonic() < end:
+        time.sleep(0.005)
+
+
 def side_by_side(args: argparse.Namespace, single: dict) -> dict:
-    """Run ``args.processes`` copies of this measurement at once (``--child``) and add up their speeds."""
+    """Run ``args.processes`` copies of this measurement at once (``--child``), their timed steps started
+    together once every copy has warmed up; the concurrent rate is all their timed tokens over the time
+    from the first start to the last end (a copy that fails is reported; the others still count)."""
+    import tempfile
+
     n = args.processes or default_processes(args)
     dims = ("n_layer", "n_head", "d_model", "seq_len", "batch_size", "vocab_size", "steps", "rounds")
     threads = args.threads or (scheduler.threads_per_worker(os.cpu_count() or 1, n)
                                if args.device.startswith("cuda") else 1)  # as the runner's processes
-    cmd = [sys.executable, __file__, "--child", "--device", args.device, "--precision", args.precision,
-           "--malloc", args.malloc, "--threads", str(threads), *["--compile"] * args.compile]
-    cmd += [a for k in dims for a in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(n)]
-    each = [json.loads(p.communicate()[0].strip().splitlines()[-1])["tokens_per_s_median"] for p in procs]
-    out = {"processes": n, "threads_each": threads, "tokens_per_s": sum(each), "tokens_per_s_each": each,
-           "flops_per_s": sum(each) * single["flops_per_token"]}
+    with tempfile.TemporaryDirectory(prefix="cptlab-bench-") as barrier:
+        cmd = [sys.executable, __file__, "--child", "--barrier", barrier, "--device", args.device,
+               "--precision", args.precision, "--malloc", args.malloc, "--threads", str(threads),
+               *["--compile"] * args.compile]
+        cmd += [a for k in dims for a in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(n)]
+        # Go when every copy is ready, or when those not ready have exited (failed).
+        while sum(f.startswith("ready-") for f in os.listdir(barrier)) + sum(
+                p.poll() is not None for p in procs) < n:
+            time.sleep(0.01)
+        open(os.path.join(barrier, "go"), "w").close()
+        results = [_child_result(p) for p in procs]
+    ok = [r for r in results if "error" not in r]
+    out = {"processes": n, "threads_each": threads, "failed": [r["error"] for r in results if "error" in r]}
+    if not ok:
+        return {**out, "tokens_per_s": 0.0, "flops_per_s": 0.0}
+    window = max(r["timed_until"] for r in ok) - min(r["timed_from"] for r in ok)
+    overlap = min(r["timed_until"] for r in ok) - max(r["timed_from"] for r in ok)
+    out.update({"tokens_per_s": sum(r["tokens_timed"] for r in ok) / window,
+                "tokens_per_s_each": [r["tokens_per_s_median"] for r in ok],
+                "tokens_per_s_sum_of_medians": sum(r["tokens_per_s_median"] for r in ok),
+                "overlap": max(0.0, overlap) / window})
+    out["flops_per_s"] = out["tokens_per_s"] * single["flops_per_token"]
     if single.get("peak_dense_bf16"):
         out["mfu_dense_bf16"] = mfu(out["tokens_per_s"], single["flops_per_token"], single["peak_dense_bf16"])
     return out
+
+
+def _child_result(proc: subprocess.Popen) -> dict:
+    """A copy's JSON line, or {"error": why} if it failed."""
+    stdout, stderr = proc.communicate()
+    try:
+        return json.loads(stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        tail = " / ".join(stderr.strip().splitlines()[-2:])
+        return {"error": f"exit {proc.returncode}: {tail[:300]}"}
 
 
 def default_processes(args: argparse.Namespace) -> int:

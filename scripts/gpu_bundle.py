@@ -33,8 +33,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_LIST = REPO / "scripts" / "gpu_image_packages.txt"
 NEEDED = ("papermill", "nbclient", "nbformat", "ipykernel", "jupyter_client", "ipywidgets", "datasets")
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_26_x86_64", "manylinux_2_24_x86_64",
-             "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64")
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_26_x86_64",
+             "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux2010_x86_64",
+             "manylinux1_x86_64")
 LIMIT_BYTES = 64 * 2**20
 
 
@@ -69,7 +70,8 @@ def resolve(python_version: str, image: dict[str, str | None], work: Path) -> li
     subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
                     *pip_target_args(python_version), "--target", str(work / "target"), "--report",
                     str(report), "-c", str(constraints), *NEEDED], check=True)
-    picked = [(i["metadata"]["name"], i["metadata"]["version"]) for i in json.loads(report.read_text())["install"]]
+    installs = json.loads(report.read_text())["install"]
+    picked = [(i["metadata"]["name"], i["metadata"]["version"]) for i in installs]
     return sorted((n, v) for n, v in picked if canonical(n) not in image)
 
 
@@ -133,8 +135,8 @@ def main() -> None:
     total = write_manifest(out)
     print(f"[gpu-bundle] {out}: {len(pins)} wheels and {tar.name}, {total / 2**20:.1f} MiB in all")
     if total > LIMIT_BYTES:
-        sys.exit(f"[gpu-bundle] {total / 2**20:.1f} MiB: over the {LIMIT_BYTES // 2**20} MiB a device command "
-                 "carries")
+        sys.exit(f"[gpu-bundle] {total / 2**20:.1f} MiB: over the {LIMIT_BYTES // 2**20} MiB a device "
+                 "command carries")
 
 
 if __name__ == "__main__":

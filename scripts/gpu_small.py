@@ -77,8 +77,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="the runs' train.device (part of their config)")
     parser.add_argument("--deadline-s", type=float, default=500.0,
                         help="wall-clock seconds from start by which all is done, the report included")
-    parser.add_argument("--reserve-s", type=float, default=30.0,
-                        help="seconds before the deadline at which training stops (summary, report)")
+    parser.add_argument("--reserve-s", type=float, default=runner.STOP_GRACE_S + 30.0,
+                        help="seconds before the deadline at which training stops: the runner's stop grace "
+                        f"({runner.STOP_GRACE_S:.0f} s for a trainer to exit) and the summary and report")
     parser.add_argument("--root", default="/tmp/cptlab-small-runs", help="run store")
     parser.add_argument("--out", default="gpu_small_out", help="where the report, summary and tarball go")
     parser.add_argument("--workers", type=int, default=None, help="runs side by side (default: from memory)")
@@ -91,6 +92,9 @@ def main() -> None:
     if args.build_cache:
         check_cache(args.scale)
         return
+    if args.reserve_s < runner.STOP_GRACE_S:
+        sys.exit(f"--reserve-s: must hold the runner's stop grace, >= {runner.STOP_GRACE_S:.0f}, got "
+                 f"{args.reserve_s:g}")
     root, out = Path(args.root).resolve(), Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     check_cache(args.scale)

@@ -30,7 +30,6 @@ from cptlab.training.model import GPT
 from cptlab.training.rundir import RunDir
 from cptlab.training.store import RunStore
 
-
 ROW_COLUMNS = ("variant", "method", "weight", "after", "position", "flops", "vocab_size")  # and val_<set>
 
 

@@ -1,0 +1,133 @@
+"""The GPU path on a CPU: the deadline's arithmetic, the bundle's recipe, the side-by-side benchmark's
+start line and failures, the import check of scripts/gpu_reproduce.sh (with the lab's venv, and with the
+dress rehearsal's venv and bundle where `make gpu-rehearsal` built them), and the notebooks after a deadline
+that left their runs out."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cptlab import batch, cli
+from cptlab.study import experiments as E
+from cptlab.study import paper, runner
+
+REPO = Path(__file__).resolve().parents[1]
+REHEARSAL = REPO / "build" / "rehearsal"
+
+
+def _script(name: str, path: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_past_the_deadline_no_cuda_context_is_made(tmp_path, monkeypatch):
+    """A notebook's run_all after the batch's deadline sizes no workers (on CUDA that asks the GPU's free
+    memory: a CUDA context for nothing) and starts nothing."""
+    def no_workers(*a, **k):
+        raise AssertionError("default_workers called past the deadline")
+
+    monkeypatch.setattr(runner, "default_workers", no_workers)
+    monkeypatch.setenv(runner.DEADLINE_ENV, str(time.time() - 1))
+    records, meta = runner.train_runs([E.base_run("smoke", device="cpu")], tmp_path, log=lambda s: None)
+    assert [r.status for r in records] == ["not started"] and meta["workers"] == 1
+
+
+def test_a_notebook_without_papermill_fails_alone(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "papermill", None)  # `import papermill` raises ImportError
+    assert not batch._execute(REPO / "notebooks" / "00_quickstart.ipynb", tmp_path / "x.ipynb", {})
+    assert "FAILED (ModuleNotFoundError" in capsys.readouterr().out
+
+
+def test_corpora_for_a_scale_tokenises_only_its_corpora(monkeypatch):
+    seen = {}
+    monkeypatch.setattr("cptlab.data.load_tokenizer", lambda cfg, registry: seen.setdefault("vocab", cfg))
+    monkeypatch.setattr("cptlab.data.print_corpora_table",
+                        lambda *a, names=None, **k: seen.update(names=names))
+    assert cli.main(["corpora", "--scale", "small"]) == 0
+    assert seen["names"] == list(paper.CORPORA) and seen["vocab"].vocab_size == 8192
+    assert cli.main(["corpora", "--scale", "nope"]) == 2
+
+
+def test_bundle_recipe_reads_the_image_list():
+    bundle = _script("gpu_bundle", "scripts/gpu_bundle.py")
+    image = bundle.image_packages()
+    assert image["torch"] == "2.11.0" and image["huggingface-hub"] == "1.33.0" and image["pandas"] is None
+    assert not {bundle.canonical(n) for n in bundle.NEEDED} & set(image)  # what the bundle must carry
+    assert bundle.canonical("Jupyter_Client") == "jupyter-client"
+    args = bundle.pip_target_args("3.12")
+    assert args[:5] == ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp"]
+    assert "manylinux2014_x86_64" in args
+
+
+def test_side_by_side_copies_start_together_and_a_failed_one_is_reported(tmp_path):
+    bench = _script("throughput_bench", "benchmarks/throughput.py")
+    waiter = threading.Thread(target=bench.wait_at_barrier, args=(str(tmp_path), 30.0))
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while not any(p.name.startswith("ready-") for p in tmp_path.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert waiter.is_alive()  # ready, and waiting for the start
+    (tmp_path / "go").touch()
+    waiter.join(5)
+    assert not waiter.is_alive()
+    failed = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit('boom')"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert bench._child_result(failed) == {"error": "exit 1: boom"}
+
+
+def test_gpu_reproduce_wants_a_run_folder():
+    script = REPO / "scripts" / "gpu_reproduce.sh"
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
+def _check_imports(tmp_path: Path, python: Path, bundle: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PY=str(python), BUNDLE=str(bundle), SITE=str(tmp_path / "site"),
+               RUN=str(tmp_path / "run"), CPTLAB_RUNS=str(tmp_path / "store"))
+    return subprocess.run(["bash", str(REPO / "scripts" / "gpu_reproduce.sh"), "--check-imports"], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_import_check_passes_in_the_lab_venv(tmp_path):
+    proc = _check_imports(tmp_path, Path(sys.executable), tmp_path / "no-bundle")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "imports: all ok" in proc.stdout and "kernel python3 started" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REHEARSAL / "bundle" / "wheels").is_dir(), reason="`make gpu-rehearsal` builds it")
+def test_import_check_passes_in_the_rehearsal_venv_with_its_bundle(tmp_path):
+    """The GPU image's packages (build/rehearsal/venv) lack papermill and more: the bundle brings them."""
+    python = REHEARSAL / "venv" / "bin" / "python"
+    without = _check_imports(tmp_path, python, tmp_path / "no-bundle")
+    assert without.returncode == 2 and "FAILED  papermill" in without.stdout
+    proc = _check_imports(tmp_path, python, REHEARSAL / "bundle")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "imports: all ok" in proc.stdout and str(tmp_path / "site") in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("notebook", ["05_infinite_schedules", "08_sequences"])
+def test_notebooks_say_not_run_after_the_deadline(notebook, tmp_path, monkeypatch):
+    """A deadline that left every run out: the notebook still runs and says so."""
+    import papermill
+
+    monkeypatch.setenv("CPTLAB_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv(runner.DEADLINE_ENV, str(time.time() - 1))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / f"{notebook}.ipynb"
+    params = {"scale": "smoke", "device": "cpu", "out_dir": str(tmp_path / "figures")}
+    papermill.execute_notebook(str(REPO / "notebooks" / f"{notebook}.ipynb"), str(out), parameters=params,
+                               cwd=str(REPO / "notebooks"), progress_bar=False)
+    assert "not run" in out.read_text()
