@@ -1,6 +1,6 @@
 """Write the GPU bundle (``make gpu-bundle``): what the GPU machine lacks to run ``scripts/gpu_reproduce.sh``.
 
-    python scripts/gpu_bundle.py [--out gpu-bundle] [--python-version 3.12] [--scale small]
+    python scripts/gpu_bundle.py [--out gpu-bundle] [--python-version 3.12] [--scale small] [--unpin NAME]
 
 The machine's image (``scripts/gpu_image_packages.txt``) has torch, pandas, matplotlib, tokenizers and
 pyarrow but not papermill, nbclient, nbformat, ipykernel, jupyter_client, ipywidgets or datasets, and has
@@ -61,11 +61,13 @@ def pip_target_args(python_version: str) -> list[str]:
     return args + [a for p in PLATFORMS for a in ("--platform", p)]
 
 
-def resolve(python_version: str, image: dict[str, str | None], work: Path) -> list[tuple[str, str]]:
+def resolve(python_version: str, image: dict[str, str | None], work: Path,
+            unpin: tuple[str, ...] = ()) -> list[tuple[str, str]]:
     """(name, version) of every package that ``NEEDED`` pulls in and the image lacks, resolved by pip
-    against the image's known versions (no download of the wheels themselves)."""
+    against the image's known versions but ``unpin``'s (no download of the wheels themselves)."""
     constraints = work / "image-constraints.txt"
-    constraints.write_text("".join(f"{n}=={v}\n" for n, v in image.items() if v))
+    unpinned = {canonical(n) for n in unpin}
+    constraints.write_text("".join(f"{n}=={v}\n" for n, v in image.items() if v and n not in unpinned))
     report = work / "report.json"
     subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
                     *pip_target_args(python_version), "--target", str(work / "target"), "--report",
@@ -118,13 +120,16 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "gpu-bundle"), help="the bundle's folder")
     parser.add_argument("--python-version", default="3.12", help="the GPU image's Python (3.12.3)")
     parser.add_argument("--scale", default="small", help="whose tokenizer and shards to carry")
+    parser.add_argument("--unpin", action="append", default=[],
+                        help="resolve without the image's version of this package (a rehearsal bundle for "
+                        "another Python: numpy 2.5.2 has no wheel for 3.11)")
     parser.add_argument("--cache", help="where the scale's cache is built, kept between bundles (default: "
                         "build/gpu-cache-SCALE)")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
-        pins = resolve(args.python_version, image_packages(), Path(work))
+        pins = resolve(args.python_version, image_packages(), Path(work), tuple(args.unpin))
     print(f"[gpu-bundle] {len(pins)} packages the image lacks: {', '.join(f'{n} {v}' for n, v in pins)}")
     download(pins, args.python_version, out / "wheels")
     cache = Path(args.cache or REPO / "build" / f"gpu-cache-{args.scale}")

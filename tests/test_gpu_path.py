@@ -131,3 +131,27 @@ def test_notebooks_say_not_run_after_the_deadline(notebook, tmp_path, monkeypatc
     papermill.execute_notebook(str(REPO / "notebooks" / f"{notebook}.ipynb"), str(out), parameters=params,
                                cwd=str(REPO / "notebooks"), progress_bar=False)
     assert "not run" in out.read_text()
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_rotate_under_compile_writes_what_the_eager_path_writes(sign, monkeypatch):
+    """torch.compile takes the out=-free form of the rotation (no graph break); it must be the same map."""
+    from cptlab.training import model
+
+    torch = pytest.importorskip("torch")
+    x = torch.randn(2, 5, 3, 8)
+    cos, sin = torch.randn(5, 1, 3), torch.randn(5, 1, 3)
+    eager, compiled = torch.zeros_like(x), torch.zeros_like(x)
+    model._rotate(x, eager, cos, sin, sign)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    model._rotate(x, compiled, cos, sin, sign)
+    torch.testing.assert_close(compiled, eager)
+    assert compiled[..., 6:].abs().sum() == 0  # channels beyond 2 * cos.size(-1) untouched
+
+
+def test_sequence_rows_of_runs_a_deadline_left_out_have_the_columns(tmp_path):
+    from cptlab.analysis.sequences import sequence_rows
+    from cptlab.study.sequences import sequence_study
+
+    rows = sequence_rows(sequence_study("smoke", device="cpu"), tmp_path)
+    assert rows.empty and list(dict.fromkeys(rows["variant"])) == []

@@ -59,7 +59,11 @@ def _rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     as the backward needs) for ``sign`` -1."""
     h = cos.size(-1)
     x1, x2, o1, o2 = x[..., :h], x[..., h:2 * h], out[..., :h], out[..., h:2 * h]
-    torch.mul(x1, cos, out=o1)
+    if torch.compiler.is_compiling():  # dynamo breaks the graph at out= into a view; inductor fuses this
+        o1.copy_(x1 * cos - sign * x2 * sin)
+        o2.copy_(x2 * cos + sign * x1 * sin)
+        return
+    torch.mul(x1, cos, out=o1)  # eager: no temporaries
     o1.addcmul_(x2, sin, value=-sign)
     torch.mul(x2, cos, out=o2)
     o2.addcmul_(x1, sin, value=sign)
