@@ -38,14 +38,22 @@ def check_kernel(timeout: float = 60.0) -> str | None:
         manager, client = start_new_kernel(kernel_name="python3", startup_timeout=timeout)
     except Exception as exc:  # noqa: BLE001
         return f"kernel did not start: {type(exc).__name__}: {exc}"
+    printed: list[str] = []
+
+    def keep(msg: dict) -> None:
+        if msg["msg_type"] == "stream":
+            printed.append(msg["content"]["text"].strip())
+
     try:
-        reply = client.execute_interactive("import cptlab.analysis.report, IPython.display", timeout=timeout)
+        reply = client.execute_interactive("import sys, cptlab.analysis.report, IPython.display; "
+                                           "print(sys.executable)", timeout=timeout, output_hook=keep)
         if reply["content"]["status"] != "ok":
             return f"the kernel could not import cptlab: {reply['content'].get('evalue', '')}"
     finally:
         client.stop_channels()
         manager.shutdown_kernel(now=True)
-    print(f"ok      kernel python3 started and imported cptlab in {time.perf_counter() - start:.1f}s")
+    print(f"ok      kernel python3 ({' '.join(printed)}) started and imported cptlab in "
+          f"{time.perf_counter() - start:.1f}s")
     return None
 
 
