@@ -155,3 +155,27 @@ def test_sequence_rows_of_runs_a_deadline_left_out_have_the_columns(tmp_path):
 
     rows = sequence_rows(sequence_study("smoke", device="cpu"), tmp_path)
     assert rows.empty and list(dict.fromkeys(rows["variant"])) == []
+
+
+def test_an_early_exit_still_writes_its_summary_and_tarball_and_no_earlier_result_stays(tmp_path):
+    """A rerun into the same run folder that stops at the import check: the earlier REPORT.md,
+    throughput.json and executed notebooks are gone, the runs summary says why nothing trained, the log
+    ends with the script's last line (tee is waited for), and OUT gets the tarball."""
+    import tarfile
+
+    run, out = tmp_path / "run", tmp_path / "out"
+    run.mkdir()
+    for stale in ("REPORT.md", "throughput.json", "05_infinite_schedules.ipynb"):
+        (run / stale).write_text("from an earlier run\n")
+    env = dict(os.environ, PY="false", BUNDLE=str(tmp_path / "no-bundle"), OUT=str(out))
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_reproduce.sh"), str(run)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert not any((run / stale).exists() for stale in ("REPORT.md", "throughput.json",
+                                                        "05_infinite_schedules.ipynb"))
+    assert "no run trained: imports failed" in (run / "runs_summary.md").read_text()
+    assert "done in" in (run / "gpu_reproduce.log").read_text().strip().splitlines()[-1]
+    with tarfile.open(out / "gpu_result.tar.gz") as tar:
+        assert {"runs_summary.md", "gpu_reproduce.log", "STATUS", "imports.txt"} <= set(tar.getnames())
+    back = sorted(p.name for p in out.iterdir())
+    assert back == ["gpu_reproduce.log", "gpu_result.tar.gz", "runs_summary.md"]
