@@ -11,7 +11,9 @@ from __future__ import annotations
 import importlib
 import sys
 import time
+from pathlib import Path
 
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 REQUIRED = ("torch", "numpy", "pandas", "matplotlib", "yaml", "tqdm", "filelock", "tokenizers", "papermill",
             "nbclient", "nbformat", "ipykernel", "jupyter_client", "ipywidgets", "IPython", "zmq",
             "cptlab.cli", "cptlab.batch", "cptlab.analysis.report", "cptlab.study.runner", "cptlab.ui",
@@ -30,12 +32,14 @@ def check_import(name: str) -> str | None:
 
 
 def check_kernel(timeout: float = 60.0) -> str | None:
-    """Start the ``python3`` kernel papermill uses, import cptlab in it; None if it worked, else why not."""
+    """Start the ``python3`` kernel papermill uses, in notebooks/ as papermill does (a relative path on
+    PYTHONPATH fails there), and import cptlab in it; None if it worked, else why not."""
     from jupyter_client.manager import start_new_kernel
 
     start = time.perf_counter()
     try:
-        manager, client = start_new_kernel(kernel_name="python3", startup_timeout=timeout)
+        manager, client = start_new_kernel(kernel_name="python3", startup_timeout=timeout,
+                                           cwd=str(NOTEBOOKS))
     except Exception as exc:  # noqa: BLE001
         return f"kernel did not start: {type(exc).__name__}: {exc}"
     printed: list[str] = []

@@ -46,13 +46,15 @@ BUNDLE=${BUNDLE:-$REPO/gpu-bundle}
 SITE=${SITE:-/tmp/cptlab-site}
 STOP_GRACE_S=60  # cptlab.study.runner.STOP_GRACE_S: a stopped trainer's time to exit before it is killed
 FINISH_S=15      # for the tarballs and the copies to OUT
-mkdir -p "$RUN"
-RUN=$(cd "$RUN" && pwd)
+abs() { mkdir -p "$1" && (cd "$1" && pwd); }  # the notebooks' kernels run in notebooks/: no relative path
+RUN=$(abs "$RUN") SITE=$(abs "$SITE")
+if [ -d "$BUNDLE" ]; then BUNDLE=$(cd "$BUNDLE" && pwd); fi
+export CPTLAB_CACHE=$(abs "${CPTLAB_CACHE:-$HOME/.cache/cptlab}")
 export CPTLAB_RUNS=${CPTLAB_RUNS:-$RUN/store}
 export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 HF_UPDATE_DOWNLOAD_COUNTS=0 TRANSFORMERS_OFFLINE=1
 export PYTHONHASHSEED=0 PYTHONUNBUFFERED=1 MPLBACKEND=agg
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}  # this checkout's cptlab, for the kernels too
-mkdir -p "$CPTLAB_RUNS"
+export CPTLAB_RUNS=$(abs "$CPTLAB_RUNS")
 # A rerun writes every result again: none of an earlier run's may stand in for this one's.
 (cd "$RUN" && rm -rf REPORT.md runs_summary.md runs_summary.json throughput*.json run_store.tar.gz \
     gpu_result.tar.gz environment.txt imports.txt gpu_reproduce.log STATUS ./[0-9][0-9]_*)
@@ -121,8 +123,7 @@ cat "$RUN/environment.txt"
 
 # 2. The token cache: the bundle's (and PACK's) tarball, the docs pack from .deb files if given, then the
 #    corpora the scale reads, tokenised with its vocabulary if not cached (that needs `datasets`).
-CACHE=${CPTLAB_CACHE:-$HOME/.cache/cptlab}
-mkdir -p "$CACHE"
+CACHE=$CPTLAB_CACHE
 for pack in "$BUNDLE/cache-$SCALE.tar.xz" ${PACK:-}; do
     if [ -f "$pack" ]; then
         say "unpacking $pack into $CACHE"
