@@ -40,18 +40,11 @@ def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device
     which start first); the notebooks and the report then use the runs that finished."""
     called = time.time()  # the deadline counts from the call, not from after the imports (torch: seconds)
     from cptlab.study.runner import DEADLINE_ENV
-    from cptlab.training.store import runs_root
 
     _check_options(scale, workers, deadline, bool(notebooks))
     paths = [Path(p) for p in notebooks] if notebooks else sorted(NOTEBOOK_DIR.glob("[0-9]*.ipynb"))
     parameters = {path: _parameters(path) for path in paths}  # every notebook read before any work
-    if deadline is not None:  # the notebooks' kernels start no run after it either
-        os.environ[DEADLINE_ENV] = str(called + deadline)
-    # The kernels run in notebooks/: give them (and the report) the run store as an absolute path, and
-    # this cptlab on their path (an uninstalled checkout too).
-    os.environ["CPTLAB_RUNS"] = str(runs_root())
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH"))
-                                               if p)
+    _kernel_environment(None if deadline is None else called + deadline)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     failed = []
@@ -104,6 +97,20 @@ def time_line(out: Path | None, runs_s: float, notebooks_s: float, report_s: flo
         line += " (summed over runs: " + ", ".join(f"{names.get(k, k)} {v:.0f}s" for k, v in totals.items())
         line += ")"
     return line + f", notebooks {notebooks_s:.0f}s, report {report_s:.0f}s"
+
+
+def _kernel_environment(deadline_at: float | None) -> None:
+    """What the notebooks' kernels (run in notebooks/) and the report inherit: the deadline (a Unix time:
+    they start no run after it either), the run store as an absolute path, and this cptlab on their path
+    (an uninstalled checkout too)."""
+    from cptlab.study.runner import DEADLINE_ENV
+    from cptlab.training.store import runs_root
+
+    if deadline_at is not None:
+        os.environ[DEADLINE_ENV] = str(deadline_at)
+    os.environ["CPTLAB_RUNS"] = str(runs_root())
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH"))
+                                               if p)
 
 
 def _check_options(scale: str, workers: int | None, deadline: float | None, named: bool = False) -> None:

@@ -153,8 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a run config whose user corpora to include")
     p.add_argument("--tokenizer", default="bpe", choices=["bpe", "byte"])
     p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--scale", help="only the corpora the scale's experiments read, at its vocabulary size "
-                                   "(what a run of the scale needs cached)")
+    p.add_argument("--scale", help="only the corpora a scale's runs read, at its vocabulary size")
     p.add_argument("--json", action="store_true", help="one JSON object per corpus")
     p.add_argument("--workers", type=int, default=None, help="fetch: extracting processes (default: cores)")
     p.add_argument("--rebuild", action="store_true",
