@@ -102,7 +102,7 @@ def _check_imports(tmp_path: Path, python: Path, bundle: Path) -> subprocess.Com
 def test_import_check_passes_in_the_lab_venv(tmp_path):
     proc = _check_imports(tmp_path, Path(sys.executable), tmp_path / "no-bundle")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "imports: all ok" in proc.stdout and "kernel python3 started" in proc.stdout
+    assert "imports: all ok" in proc.stdout and "started and imported cptlab" in proc.stdout
 
 
 @pytest.mark.slow
