@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-REQUIRED = ("torch", "numpy", "pandas", "matplotlib", "yaml", "tqdm", "filelock", "tokenizers", "papermill",
-            "nbclient", "nbformat", "ipykernel", "jupyter_client", "ipywidgets", "IPython", "zmq",
-            "cptlab.cli", "cptlab.batch", "cptlab.analysis.report", "cptlab.study.runner", "cptlab.ui",
-            "cptlab.viz")
+REQUIRED = ("torch", "numpy", "pandas", "matplotlib", "scipy", "threadpoolctl", "yaml", "tqdm", "filelock",
+            "tokenizers", "papermill", "nbclient", "nbformat", "ipykernel", "jupyter_client", "ipywidgets",
+            "IPython", "zmq", "cptlab.cli", "cptlab.batch", "cptlab.analysis.report", "cptlab.study.runner",
+            "cptlab.ui", "cptlab.viz")
 OPTIONAL = ("datasets",)  # only to build shards the cache lacks
 
 
