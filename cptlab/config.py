@@ -245,6 +245,33 @@ class RunRef:
         return f"{self.experiment}/{self.run} (stage {self.stage})"
 
 
+OPTIMIZERS = ("adamw", "schedulefree_adamw")
+
+
+@dataclass
+class MergeConfig:
+    """End a stage with the average of its last ``count`` checkpoints instead of its final weights: the
+    snapshots are taken at ``count`` evenly spaced steps of the stage's last ``window`` fraction, the last
+    one at its final step (checkpoint averaging along a constant LR emulates a decay: WSM, arXiv
+    2507.17634; Hägele et al. 2405.18392)."""
+
+    window: float = 0.2
+    count: int = 4
+
+    def validate(self, where: str) -> None:
+        if not 0 < self.window <= 1:
+            raise ConfigError(f"{where}.window: must be in (0, 1], got {self.window}")
+        if self.count < 1:
+            raise ConfigError(f"{where}.count: must be >= 1, got {self.count}")
+
+    def steps(self, total_steps: int) -> list[int]:
+        """The stage steps (1-based: after that many optimizer steps) whose weights are averaged."""
+        span = self.window * total_steps
+        picked = {max(1, total_steps - round(span * (self.count - 1 - k) / self.count))
+                  for k in range(self.count)}
+        return sorted(picked)
+
+
 INIT_FROM = "previous, scratch, a checkpoint path ending in .pt, or a run {experiment, run, stage}"
 
 
@@ -258,6 +285,8 @@ class Stage:
     reset_optimizer: bool = True
     init_from: str | RunRef = "previous"  # previous | scratch | a checkpoint path | a run of the store
     regularizer: RegularizerConfig | None = None  # ewc | lwf, against the stage's starting model
+    optimizer: str = "adamw"  # adamw | schedulefree_adamw (Defazio et al. 2024; the `schedulefree` package)
+    merge: MergeConfig | None = None  # end the stage with the average of its last checkpoints
 
     def sources(self) -> list[str]:
         """The corpora the stage reads: its data, then its replay sources (at 0% too: the sampler keeps
@@ -295,6 +324,16 @@ class Stage:
             self.schedule.resolved().validate()
         except ValueError as exc:
             raise ConfigError(f"{where}.schedule.{exc}") from None
+        self._validate_update(where)
+
+    def _validate_update(self, where: str) -> None:
+        """The optimizer and the merge: schedule-free AdamW takes a constant schedule (it has no decay)."""
+        _check_choice(f"{where}.optimizer", self.optimizer, OPTIMIZERS, "optimizer")
+        if self.optimizer == "schedulefree_adamw" and self.schedule.kind != "constant":
+            raise ConfigError(f"{where}.schedule.kind: schedule-free AdamW takes a constant schedule (its "
+                              f"warmup re-warms), got {self.schedule.kind!r}")
+        if self.merge is not None:
+            self.merge.validate(f"{where}.merge")
 
 
 @dataclass
@@ -405,6 +444,13 @@ class RunConfig:
                     if name not in seen:
                         raise ConfigError(f"{where}.replay.source: {name!r} was not read before this stage "
                                           f"(read before it: {', '.join(sorted(seen)) or 'nothing'})")
+            if (i > 0 and st.init_from == "previous" and not st.reset_optimizer
+                    and st.optimizer != self.stages[i - 1].optimizer):
+                raise ConfigError(f"{where}.reset_optimizer: must be true when the optimizer changes "
+                                  f"({self.stages[i - 1].optimizer} -> {st.optimizer})")
+            if (st.optimizer != "adamw" or st.merge is not None) and self.train.strategy == "fsdp":
+                raise ConfigError(f"{where}: schedule-free AdamW and merge are not supported with "
+                                  "train.strategy fsdp; use ddp")
             reg = st.regularizer
             if reg is None:
                 continue

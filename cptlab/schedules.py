@@ -2,7 +2,7 @@
 
 A schedule is described by a spec: the YAML ``schedule`` mapping of a stage, a ``ScheduleConfig``:
 
-    kind         constant | cosine | infinite_cosine | infinite_inv_sqrt | wsd
+    kind         constant | cosine | linear | infinite_cosine | infinite_inv_sqrt | wsd
     max_lr       peak learning rate (> 0)
     min_lr       final learning rate (0 <= min_lr <= max_lr)
     warmup       linear warmup from 0 to max_lr, as a fraction of the stage (all kinds)
@@ -19,9 +19,12 @@ Keys a kind does not use are ignored (a cosine spec may carry ``decay``). Missin
 Conventions, for a stage of T = total_steps steps numbered t = 0 .. T-1:
 - Lengths stay floats: T_w = warmup * T, T_cd = cooldown * T, so the formulas are exact.
 - Warmup (PAPER.md): lr(t) = max_lr * t / T_w for t < T_w, so lr(0) = 0 whenever warmup > 0.
-- A phase that ends the stage (the cosine decay, the annealing, the wsd decay) starts at
-  T_s = T - length * T (the cosine at T_s = T_w) and runs its progress p = (t - T_s) / (T_end - T_s)
-  from 0 to 1 with T_end = T - 1, the last step: the schedule reaches min_lr exactly at t = T - 1.
+- ``linear`` decays linearly from max_lr after the warmup to min_lr at the last step; with ``min_lr: 0``
+  it is decay to zero (D2Z, Bergsma et al. 2025, arXiv 2502.15938).
+- A phase that ends the stage (the cosine or linear decay, the annealing, the wsd decay) starts at
+  T_s = T - length * T (the cosine and linear at T_s = T_w) and runs its progress
+  p = (t - T_s) / (T_end - T_s) from 0 to 1 with T_end = T - 1, the last step: the schedule reaches
+  min_lr exactly at t = T - 1.
   A final phase shorter than one step still covers the last step (T_s is at most T - 1).
   Where several phases claim a step, the later phase wins.
 - Steps past the end of the stage hold the value of its last step; negative steps raise.
@@ -74,7 +77,8 @@ class ScheduleConfig:
         validate_spec(self)
 
 
-KINDS = ("constant", "cosine", "infinite_cosine", "infinite_inv_sqrt", "wsd")
+KINDS = ("constant", "cosine", "linear", "infinite_cosine", "infinite_inv_sqrt", "wsd")
+DECAYING_KINDS = ("cosine", "linear")  # re-warm and re-decay every stage: they cannot continue
 INFINITE_KINDS = ("infinite_cosine", "infinite_inv_sqrt")
 DECAY_SHAPES = ("linear", "1-sqrt")
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ScheduleConfig)}
@@ -157,7 +161,7 @@ def continuation(spec: Spec, end: float = 0.0) -> dict[str, Any]:
 
     infinite_*: warmup 0, cooldown 0 (it sits at const_lr) and ``anneal = end``;
     wsd: warmup 0 (stable at max_lr) and ``decay = end``; constant: warmup 0.
-    A cosine cannot continue: each cosine stage re-warms and re-decays.
+    A cosine (or linear) cannot continue: each such stage re-warms and re-decays.
     """
     s = resolve_spec(spec)
     if s["kind"] in INFINITE_KINDS:
@@ -167,22 +171,23 @@ def continuation(spec: Spec, end: float = 0.0) -> dict[str, Any]:
     if s["kind"] == "constant":
         return {**s, "warmup": 0.0}
     raise ValueError(f"kind: {s['kind']!r} cannot continue across stages; allowed: "
-                     f"{', '.join(k for k in KINDS if k != 'cosine')}")
+                     f"{', '.join(k for k in KINDS if k not in DECAYING_KINDS)}")
 
 
 def is_continuation(spec: Spec) -> bool:
     """True when a stage with this spec continues the previous one (no warmup, no cooldown)."""
     s = resolve_spec(spec)
     no_cooldown = s["kind"] not in INFINITE_KINDS or s["cooldown"] == 0
-    return s["kind"] != "cosine" and s["warmup"] == 0 and no_cooldown
+    return s["kind"] not in DECAYING_KINDS and s["warmup"] == 0 and no_cooldown
 
 
 def multi_stage(spec: Spec, n_stages: int, steps: int | Sequence[int]) -> list[tuple[dict[str, Any], int]]:
     """A plan of ``n_stages`` stages for one spec, as (spec, steps) pairs.
 
-    cosine: repeated (re-warm and re-decay every stage). constant: warmup once, then flat.
+    cosine, linear: repeated (re-warm and re-decay every stage). constant: warmup once, then flat.
     infinite_* and wsd: warmup (and cooldown) in the first stage, continued without re-warming,
     annealing (decaying) only at the end of the last stage, over its ``anneal`` (``decay``) fraction.
+    ``wsd_s`` is WSD-S's plan instead: every stage decays and the next resumes from the decayed model.
     """
     if n_stages < 1:
         raise ValueError(f"n_stages: must be >= 1, got {n_stages}")
@@ -191,7 +196,7 @@ def multi_stage(spec: Spec, n_stages: int, steps: int | Sequence[int]) -> list[t
         raise ValueError(f"steps: expected {n_stages} stage lengths, got {len(steps)}")
     s = resolve_spec(spec)
     kind = s["kind"]
-    if kind == "cosine" or n_stages == 1:
+    if kind in DECAYING_KINDS or n_stages == 1:
         return [(dict(s), n) for n in steps]
     if kind == "constant":
         return [(dict(s), steps[0])] + [(continuation(s), n) for n in steps[1:]]
@@ -200,6 +205,17 @@ def multi_stage(spec: Spec, n_stages: int, steps: int | Sequence[int]) -> list[t
     plan += [(continuation(s, 0.0), n) for n in steps[1:-1]]
     plan.append((continuation(s, s[end_key]), steps[-1]))
     return plan
+
+
+def wsd_s(spec: Spec, n_stages: int, steps: int | Sequence[int]) -> list[tuple[dict[str, Any], int]]:
+    """WSD-S (Wen et al. 2024, arXiv 2410.05192) over ``n_stages`` stages: a wsd spec that decays at the end
+    of every stage (over its ``decay`` fraction), the next stage resuming from the decayed model at
+    max_lr without re-warming (warmup only in the first stage)."""
+    s = resolve_spec(spec)
+    if s["kind"] != "wsd":
+        raise ValueError(f"kind: WSD-S takes a wsd spec, got {s['kind']!r}")
+    plan = multi_stage({**s, "kind": "cosine"}, n_stages, steps)  # one (spec, steps) per stage
+    return [({**s, "warmup": s["warmup"] if i == 0 else 0.0}, n) for i, (_, n) in enumerate(plan)]
 
 
 # -- one stage -------------------------------------------------------------------------------------
@@ -219,7 +235,8 @@ def build(spec: Spec, total_steps: int) -> Callable[[int], float]:
     if T < 1:
         raise ValueError(f"total_steps: must be an integer >= 1, got {T}")
     s = resolve_spec(spec)
-    shape = {"constant": _constant, "cosine": _cosine, "wsd": _wsd}.get(s["kind"], _infinite)
+    shapes = {"constant": _constant, "cosine": _cosine, "linear": _linear, "wsd": _wsd}
+    shape = shapes.get(s["kind"], _infinite)
     f = shape(s, T, _Warmup(float(s["max_lr"]), s["warmup"] * T))
     last = T - 1
 
@@ -256,6 +273,17 @@ def _cosine(s: dict[str, Any], T: int, warm: _Warmup) -> Callable[[int], float]:
             return warm(t)
         p = _progress(t, warm.length, last)
         return lr_min + (lr_max - lr_min) / 2 * (1 + math.cos(math.pi * p))
+
+    return f
+
+
+def _linear(s: dict[str, Any], T: int, warm: _Warmup) -> Callable[[int], float]:
+    lr_max, lr_min, last = warm.lr_max, float(s["min_lr"]), T - 1
+
+    def f(t: int) -> float:
+        if warm.covers(t):
+            return warm(t)
+        return lr_max + (lr_min - lr_max) * _progress(t, warm.length, last)
 
     return f
 

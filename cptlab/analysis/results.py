@@ -21,14 +21,15 @@ from cptlab.analysis import metrics as M
 from cptlab.analysis.runs import load_runs
 from cptlab.analysis.sequences import sequence_rows
 from cptlab.study import experiments as E
-from cptlab.study import paper, sequences
+from cptlab.study import modern, paper, sequences
 from cptlab.study.scales import Scale, get_scale
 from cptlab.training.model import GPT
 from cptlab.training.rundir import RunDir
 from cptlab.training.store import RunStore
 
 MAX_SEEDS = 10  # seeds 0..9 of the base model and replay sweep are picked up where their base model ran
-EXPERIMENTS = ("base", "replay", "warmup", "max_lr", "d0_rewarm", "infinite", "compute", "scales", "sequence")
+EXPERIMENTS = ("base", "replay", "warmup", "max_lr", "d0_rewarm", "infinite", "compute", "scales", "sequence",
+               "modern")
 
 
 @dataclass
@@ -76,6 +77,7 @@ def _experiment_runs(s: Scale, device: str, seeds: tuple[int, ...]) -> dict[str,
         "compute": [r for sh in shifts for r in E.compute_vs_loss(sh, s, device)],
         "scales": [r for sh in shifts for r in E.scale_ladder(sh, s, device)],
         "sequence": sequences.sequence_study(s, device),
+        "modern": modern.modern_runs(s, device),
     }
 
 

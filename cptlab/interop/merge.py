@@ -45,7 +45,7 @@ from cptlab.config import ConfigError, ModelConfig, RunConfig, RunRef, Stage
 from cptlab.interop.evaluate import find_checkpoint, run_tokenizer
 from cptlab.schedules import ScheduleConfig
 from cptlab.training import runtime
-from cptlab.training.model import GPT
+from cptlab.training.model import GPT, average_states
 from cptlab.training.rundir import RunDir, RunDirError, load_checkpoint
 from cptlab.training.store import RunStore
 from cptlab.training.train import evaluate
@@ -233,28 +233,6 @@ def merge_lineage(found: Sequence[Source]) -> dict[str, int]:
 # -- averaging and evaluation ----------------------------------------------------------------------------
 
 State = dict[str, torch.Tensor]
-
-
-def average_states(states: Sequence[State], weights: Sequence[float]) -> State:
-    """``sum_i weights[i] * states[i]`` tensor by tensor, accumulated in float64 and returned in each
-    tensor's dtype, so that weights (1, 0), or a run averaged with itself, give its tensors back exactly.
-    Tensors that are not floating point (none in a GPT today) are taken from the first state."""
-    keys = set(states[0])
-    for state in states[1:]:
-        if set(state) != keys:
-            differ = sorted(keys ^ set(state))[:3]
-            raise ConfigError(f"model: the checkpoints hold different tensors ({', '.join(differ)}, ...)")
-    out = {}
-    for key, first in states[0].items():
-        if not first.is_floating_point():
-            out[key] = first.clone()
-            continue
-        total = torch.zeros(first.shape, dtype=torch.float64)
-        for state, w in zip(states, weights):
-            if w:  # skipped, so that a weight of 0 adds nothing, not even 0 * inf
-                total += w * state[key].to(torch.float64)
-        out[key] = total.to(first.dtype)
-    return out
 
 
 def val_sets(cfg: RunConfig, tokenizer: data.Tokenizer, names: Sequence[str], key: str = "eval.sets"

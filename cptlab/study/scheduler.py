@@ -31,7 +31,8 @@ STATUSES = ("done", "already done", "failed", "stopped at deadline", "not starte
 # The experiments whose runs start first when ``order`` asks for the paper's priority (``cptlab batch``
 # with a deadline): the base model and the replay sweep (unions included) decide most findings, then the
 # cheapest finding first. Within an experiment, and without ``order``, the longest chain starts first.
-PRIORITY = ("base", "replay", "union", "d0_rewarm", "warmup", "scales", "infinite", "max_lr", "sequence")
+PRIORITY = ("base", "replay", "union", "d0_rewarm", "warmup", "scales", "infinite", "max_lr", "sequence",
+            "modern")
 CUDA_CONTEXT_BYTES = 600 * 2**20  # one process's CUDA context, cuBLAS workspace and allocator slack
 MAX_GPU_WORKERS = 6  # more processes than this add little on one GPU and cost start-up and memory
 # The sections of a run's wall time, in the summary's order (RunRecord's ``<section>_s``).

@@ -22,12 +22,13 @@ For ``paper-405m`` (L 24, d 1024, V 50304, r 4, untied) this is 405,334,016 para
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cptlab.config import ModelConfig
+from cptlab.config import ConfigError, ModelConfig
 
 
 def _resolved(cfg: ModelConfig) -> ModelConfig:
@@ -392,3 +393,28 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token of this model at ``seq_len`` (``count_flops_per_token``)."""
         return GPT.count_flops_per_token(self.cfg, seq_len)
+
+
+State = dict[str, torch.Tensor]
+
+
+def average_states(states: Sequence[State], weights: Sequence[float]) -> State:
+    """``sum_i weights[i] * states[i]`` tensor by tensor, accumulated in float64 and returned in each
+    tensor's dtype, so that weights (1, 0), or a run averaged with itself, give its tensors back exactly.
+    Tensors that are not floating point (none in a GPT today) are taken from the first state."""
+    keys = set(states[0])
+    for state in states[1:]:
+        if set(state) != keys:
+            differ = sorted(keys ^ set(state))[:3]
+            raise ConfigError(f"model: the checkpoints hold different tensors ({', '.join(differ)}, ...)")
+    out = {}
+    for key, first in states[0].items():
+        if not first.is_floating_point():
+            out[key] = first.clone()
+            continue
+        total = torch.zeros(first.shape, dtype=torch.float64)
+        for state, w in zip(states, weights):
+            if w:  # skipped, so that a weight of 0 adds nothing, not even 0 * inf
+                total += w * state[key].to(torch.float64)
+        out[key] = total.to(first.dtype)
+    return out

@@ -238,6 +238,21 @@ class RunDir:
             old.unlink(missing_ok=True)
         return path
 
+    def merge_snapshot(self, stage: str, index: int) -> Path:
+        """Weights ``index`` of those ``stage`` averages at its end (its ``merge``), in ``checkpoints/merge/``
+        where no resume looks for a checkpoint."""
+        return self.ckpt_dir / "merge" / f"{stage}-{index}.pt"
+
+    def save_merge_snapshot(self, model_state: dict[str, Any], stage: str, index: int) -> Path:
+        path = self.merge_snapshot(stage, index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return self._save({"model": model_state}, path)
+
+    def clear_merge_snapshots(self, stage: str) -> None:
+        """Remove ``stage``'s snapshots (once its merged checkpoint is written)."""
+        for path in (self.ckpt_dir / "merge").glob(f"{stage}-*.pt"):
+            path.unlink(missing_ok=True)
+
     def _save(self, state: dict[str, Any], path: Path) -> Path:
         atomic_write(path, lambda f: torch.save(state, f), binary=True)
         return path

@@ -7,13 +7,13 @@ import copy
 import os
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
 
-from cptlab.config import TrainConfig
+from cptlab.config import ConfigError, TrainConfig
 
 # loss_fn(model, inputs, targets) -> (the loss to differentiate, the data loss to report)
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -93,19 +93,63 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
-def make_optimizer(model: nn.Module, train_cfg: TrainConfig, lr: float = 0.0) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, train_cfg: TrainConfig, lr: float = 0.0,
+                   kind: str = "adamw") -> torch.optim.Optimizer:
     """AdamW with the config's betas, eps and weight decay (see ``param_groups``). Uses the fused
     kernel (one pass over each parameter) where the device has it; ``lr`` is set per step by
-    ``train_step``."""
+    ``train_step``. ``kind`` ``schedulefree_adamw``: the ``schedulefree`` package's AdamW, in train mode
+    (``eval_weights`` switches the model to its averaged weights)."""
     groups = param_groups(model, train_cfg.weight_decay)
     device = next(model.parameters()).device
     kwargs = dict(lr=lr, betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps)
+    if kind == "schedulefree_adamw":
+        try:
+            import schedulefree
+        except ImportError:
+            raise ConfigError("optimizer: schedulefree_adamw needs the schedulefree package: "
+                              "pip install 'schedulefree>=1.4,<2'") from None
+        optimizer = schedulefree.AdamWScheduleFree(groups, warmup_steps=0, **kwargs)
+        optimizer.train()
+        return optimizer
     if device.type in ("cpu", "cuda"):
         try:
             return torch.optim.AdamW(groups, fused=True, **kwargs)
         except (RuntimeError, TypeError, ValueError):
             pass
     return torch.optim.AdamW(groups, **kwargs)
+
+
+def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` keeps training weights apart from the weights it returns (schedule-free)."""
+    return callable(getattr(optimizer, "eval", None)) and callable(getattr(optimizer, "train", None))
+
+
+@contextlib.contextmanager
+def eval_weights(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Inside: the model holds the weights to evaluate and save (a schedule-free optimizer's average x);
+    after: the weights it held before, bit for bit (the training weights y are copied back, not recomputed,
+    so that evaluating or saving never changes the run). A no-op for other optimizers."""
+    if not is_schedule_free(optimizer) or not optimizer.param_groups[0].get("train_mode", True):
+        yield
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    training_weights = [p.detach().clone() for p in params]
+    optimizer.eval()
+    try:
+        yield
+    finally:
+        resume_training(optimizer, training_weights)
+
+
+@torch.no_grad()
+def resume_training(optimizer: torch.optim.Optimizer, training_weights: Sequence[torch.Tensor]) -> None:
+    """Put a schedule-free optimizer back in train mode with its parameters set to ``training_weights``
+    (its y, in ``param_groups`` order) rather than recomputed from x and z."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for p, w in zip(params, training_weights, strict=True):
+        p.copy_(w)
+    for group in optimizer.param_groups:
+        group["train_mode"] = True
 
 
 # -- the step ------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from cptlab import data, schedules
 from cptlab.config import ConfigError, RunConfig, RunRef, Stage
 from cptlab.training import distributed, loggers, regularizers, runtime
-from cptlab.training.model import GPT
+from cptlab.training.model import GPT, average_states
 from cptlab.training.rundir import RunDir, RunDirError, load_checkpoint
 from cptlab.training.store import RunStore
 
@@ -101,6 +101,7 @@ class _StageRun:
     bar: Any = None  # tqdm progress bar (rank 0, not quiet)
     window_start: float = 0.0  # when the current training line's window began
     window_start_steps: int = 0  # progress.window_steps then (steps of a window resumed from a checkpoint)
+    merge_steps: list[int] = field(default_factory=list)  # stage steps whose weights the stage end averages
 
     @property
     def n_steps(self) -> int:
@@ -251,7 +252,7 @@ class Trainer:
             distributed.checkpoint_blocks(self.model)
         if self.fsdp:
             distributed.shard(self.model)
-        self.optimizer = runtime.make_optimizer(self.model, t)
+        self.optimizer = runtime.make_optimizer(self.model, t, kind=self.cfg.stages[0].optimizer)
         wrapped = self.model
         if self.world > 1 and not self.fsdp:
             wrapped = torch.nn.parallel.DistributedDataParallel(self.model)
@@ -270,9 +271,15 @@ class Trainer:
                               "retrain it")
         if ckpt is not None:
             distributed.load_model(self.model, ckpt["model"])
-            distributed.load_optimizer(self.model, self.optimizer, ckpt["optimizer"])
             self.progress = _Progress(**ckpt["progress"])
             self.sampler_state = ckpt["sampler"]
+            p = self.progress  # the optimizer of the stage that wrote the checkpoint
+            inside = p.stage_step > 0 or self.sampler_state is not None
+            writer = p.stage_index if inside else p.stage_index - 1
+            kind = self.cfg.stages[min(max(writer, 0), len(self.cfg.stages) - 1)].optimizer
+            self.optimizer = runtime.make_optimizer(self.model, self.t, kind=kind)
+            distributed.load_optimizer(self.model, self.optimizer, ckpt["optimizer"])
+            self._restore_training_weights(ckpt)
             self.last_val = dict(ckpt.get("last_val", {}))
             _set_rng_state(ckpt["rng"])
         if self.rank == 0:
@@ -327,17 +334,21 @@ class Trainer:
         if p.stage_step == 0 and self.sampler_state is None:
             base = self._starting_weights(si)
             if stage.reset_optimizer or si == 0:
-                self.optimizer = runtime.make_optimizer(self.model, self.t)
+                self.optimizer = runtime.make_optimizer(self.model, self.t, kind=stage.optimizer)
             if base is not None and not stage.reset_optimizer:
-                distributed.load_optimizer(self.model, self.optimizer, base["optimizer"])
+                self._load_starting_optimizer(si, base)
             if base is not None and si == 0:  # continue the base model's counters so curves line up
                 p.step, p.tokens = base["progress"]["step"], base["progress"]["tokens"]
                 p.sequences_done = dict(base["progress"].get("sequences_done", {}))
                 p.next_eval_tokens = p.tokens + self.cfg.eval.every_tokens
                 p.next_ckpt_tokens = p.tokens + self.t.checkpoint_every_tokens
+        if runtime.is_schedule_free(self.optimizer):
+            self.optimizer.train()  # a checkpoint holds its evaluation weights; train from its training ones
         resumed = base is None and (p.stage_step > 0 or self.sampler_state is not None)
         sampler = self._sampler(stage)
         current = _StageRun(si, stage, sampler, schedules.build(stage.schedule.to_spec(), sampler.num_steps))
+        if stage.merge is not None:
+            current.merge_steps = stage.merge.steps(sampler.num_steps)
         if stage.regularizer is not None:
             current.regularizer = self._regularizer(si, resumed)
         if base is not None and si == 0 and self.val_sets:  # where the base model starts from
@@ -354,6 +365,27 @@ class Trainer:
                                unit_scale=True, leave=True, dynamic_ncols=True)
         current.window_start, current.window_start_steps = time.perf_counter(), p.window_steps
         return current
+
+    def _load_starting_optimizer(self, si: int, base: dict[str, Any]) -> None:
+        """Continue the optimizer state of the checkpoint stage ``si`` starts from (``reset_optimizer``
+        false); one of another optimizer is a config error."""
+        try:
+            distributed.load_optimizer(self.model, self.optimizer, base["optimizer"])
+        except (ValueError, KeyError) as exc:
+            stage = self.cfg.stages[si]
+            raise ConfigError(f"stages[{si}] ({stage.name}).reset_optimizer: the checkpoint's optimizer "
+                              f"state does not fit {stage.optimizer} ({str(exc).splitlines()[0]}); set "
+                              "reset_optimizer: true") from None
+        self._restore_training_weights(base)
+
+    def _restore_training_weights(self, ckpt: dict[str, Any]) -> None:
+        """A schedule-free checkpoint saved inside a stage holds its evaluation weights x as ``model`` and
+        its training weights y apart: continue from y exactly."""
+        if "training_weights" in ckpt and runtime.is_schedule_free(self.optimizer):
+            named = dict(self.model.named_parameters())
+            order = {id(p): name for name, p in named.items()}
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            runtime.resume_training(self.optimizer, [ckpt["training_weights"][order[id(p)]] for p in params])
 
     def _starting_weights(self, si: int) -> dict[str, Any] | None:
         """Set the model's weights for stage ``si``: kept from the previous stage, from scratch, or from a
@@ -432,6 +464,10 @@ class Trainer:
             with self.timed("steps"):
                 self.step(current, lr)
             last = p.stage_step == current.n_steps
+            if last and runtime.is_schedule_free(self.optimizer):
+                self.optimizer.eval()  # the stage's model is the schedule-free average from here on
+            if p.stage_step in current.merge_steps:
+                self.snapshot_for_merge(current, last)
             if p.stage_step % self.t.log_every_steps == 0 or last:
                 self.log_training_line(current, lr)
             self.evaluate_if_due(current, lr, last)
@@ -512,6 +548,22 @@ class Trainer:
                 p.next_ckpt_tokens += every
             self.save_rolling(current.sampler)
 
+    def snapshot_for_merge(self, current: _StageRun, last: bool) -> None:
+        """Keep the weights of this step for the stage's merge; at its last step, replace the model by the
+        average of the kept weights (``Stage.merge``)."""
+        stage, index = current.stage.name, current.merge_steps.index(self.progress.stage_step)
+        with runtime.eval_weights(self.optimizer):
+            model_state, _ = distributed.full_state(self.model, self.optimizer)
+            if self.rank == 0:
+                self.run_dir.save_merge_snapshot({k: v.clone() for k, v in model_state.items()}, stage, index)
+        if not last:
+            return
+        if self.world > 1:
+            dist.barrier()
+        states = [load_checkpoint(self.run_dir.merge_snapshot(stage, i))["model"]
+                  for i in range(len(current.merge_steps))]
+        distributed.load_model(self.model, average_states(states, [1 / len(states)] * len(states)))
+
     def finish_stage(self, current: _StageRun) -> None:
         """Count what the stage read, move on to the next stage and keep the stage's checkpoint."""
         p, sampler = self.progress, current.sampler
@@ -524,6 +576,8 @@ class Trainer:
             state = self._checkpoint_state(None)
             if state is not None:
                 self.run_dir.save_stage_checkpoint(state, current.stage.name, p.step)
+                if current.merge_steps:
+                    self.run_dir.clear_merge_snapshots(current.stage.name)
 
     def finish(self, status: str) -> TrainResult:
         if self.rank == 0:
@@ -552,7 +606,7 @@ class Trainer:
             self.seconds[section] += time.perf_counter() - start
 
     def _evaluate(self) -> dict[str, float]:
-        with self.timed("eval"):
+        with self.timed("eval"), runtime.eval_weights(self.optimizer):
             return evaluate(self.model, self.val_batches, self.t.seq_len, self.micro, self.device,
                             self.autocast)
 
@@ -564,14 +618,20 @@ class Trainer:
 
     def _checkpoint_state(self, sampler: data.BatchSampler | None) -> dict[str, Any] | None:
         """Everything a resume needs (on rank 0; None on the others). Under fsdp every rank takes part."""
-        model_state, optimizer_state = distributed.full_state(self.model, self.optimizer)
+        extra = {}
+        if runtime.is_schedule_free(self.optimizer) and self.optimizer.param_groups[0]["train_mode"]:
+            extra["training_weights"] = {k: v.detach().clone() for k, v in self.model.named_parameters()}
+        with runtime.eval_weights(self.optimizer):  # schedule-free: its average, copied before it switches
+            model_state, optimizer_state = distributed.full_state(self.model, self.optimizer)
+            if runtime.is_schedule_free(self.optimizer):
+                model_state = {k: v.clone() for k, v in model_state.items()}
         if self.rank != 0:
             return None
         return {
             "model": model_state, "optimizer": optimizer_state,
             "progress": vars(self.progress).copy(), "sampler": sampler.state_dict() if sampler else None,
             "rng": _rng_state(), "last_val": self.last_val, "metrics_bytes": self.run_dir.metrics_size(),
-            "config_hash": self.cfg.hash(),
+            "config_hash": self.cfg.hash(), **extra,
         }
 
 
