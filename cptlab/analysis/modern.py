@@ -11,7 +11,9 @@ it lowers the mean of D0 and the candidate's loss below the base model's.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -20,9 +22,11 @@ from cptlab import data
 from cptlab.analysis import laws as L
 from cptlab.analysis import metrics as M
 from cptlab.analysis import results as T
+from cptlab.analysis.runs import load_runs
 from cptlab.study import modern as S
 from cptlab.study.experiments import infinite_schedules
 from cptlab.study.paper import CHOSEN_REPLAY, D0, SHIFTS
+from cptlab.study.scales import get_scale
 from cptlab.training import runtime
 from cptlab.training.model import GPT, average_states
 from cptlab.training.rundir import RunDir, load_checkpoint
@@ -291,3 +295,55 @@ def law_table(res: T.Results, device: str = "auto") -> pd.DataFrame:
     apart = pd.DataFrame(rows).set_index("run")
     return pd.concat([table.assign(**{"law applies": "yes"}), apart]) if len(table) else apart
 
+
+
+def collect(scale: str = "tiny", root: str | RunStore | None = None, device: str = "auto") -> T.Results:
+    """The finished runs the comparisons read (``study.modern.comparison_runs``) from the run store ``root``,
+    as ``results.collect_results`` would hold them (without loading every other experiment)."""
+    store = root if isinstance(root, RunStore) else RunStore(root)
+    frames = {}
+    for key, runs in S.comparison_runs(scale, device).items():
+        df = load_runs([r for r in runs if store.is_done(r.experiment, r.run_id)], store)
+        frames[key] = df
+    return T.Results(frames=frames, scale=get_scale(scale))
+
+
+# -- the report's section ----------------------------------------------------------------------------------
+
+NOTEBOOK = "11_modern_recipes"
+
+
+def report_lines(res: T.Results, store: RunStore | None, md_table: Callable[[pd.DataFrame], str],
+                 figures: list[str]) -> list[str]:
+    """REPORT.md's "Today's recipes" section: the questions answered, each shift's table, the three chunks,
+    the microanneal, the law's predictions, and ``figures`` (paths relative to the report)."""
+    lines = ["### Today's recipes beside the paper's", "",
+             "Annealing on chosen data, merging instead of decaying, decay to zero (D2Z), WSD-S and "
+             "schedule-free AdamW on the same shifts, from the same base model, at the paper recipe's "
+             "compute (B1 tokens) unless the table's tokens say otherwise (`cptlab.study.modern`, notebook "
+             f"`{NOTEBOOK}`). Final loss = the last evaluation; margins in nats.", ""]
+    if not len(res.frame("modern")):
+        return lines + ["not run", ""]
+    found = soups(res, store) if store is not None else {}
+    lines += ["| # | Question | Measured | Answer |", "|---|---|---|---|"]
+    for q in all_questions(res, store):
+        shown = {True: "yes", False: "no", None: "not run"}[q.answer]
+        lines.append(f"| {q.number} | {q.text} | {q.measured} | **{shown}** |")
+    lines.append("")
+    for shift in SHIFTS:
+        lines += [f"Recipes, {shift} shift ({D0} -> {SHIFTS[shift]}; tokens: trained since the base model):",
+                  "", md_table(recipe_table(res, shift, found.get(shift))), ""]
+    lines += ["Three chunks of en-docs from scratch: loss at each chunk end:", "",
+              md_table(chunk_table(res)), "",
+              "Microanneal vs full runs (gain: the mean of D0 and candidate loss lowered below the base "
+              "model's):", "", md_table(microanneal_table(res)), "",
+              "The schedule law (`cptlab.analysis.laws`) on the new schedules, fitted on two runs of each "
+              "family and asked about the others; merges and schedule-free runs are outside it:", "",
+              md_table(law_table(res)), ""]
+    return lines + [f"![{Path(p).stem}]({p})" for p in figures] + [""]
+
+
+def curves(res: T.Results) -> pd.DataFrame:
+    """The evaluation lines of the paper's runs and the new ones, for loss curves."""
+    frames = [res.frame(k) for k in ("replay", "modern") if len(res.frame(k))]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -21,6 +21,7 @@ from cptlab.analysis import cpt_law as CPT
 from cptlab.analysis import findings as F
 from cptlab.analysis import laws as L
 from cptlab.analysis import metrics as M
+from cptlab.analysis import modern as Mo
 from cptlab.analysis import replay_law as R
 from cptlab.analysis import results as T
 from cptlab.analysis import sequences as S
@@ -115,6 +116,7 @@ def render_report(res: T.Results, out_dir: str | Path, scale: str = "", root: st
               "part of its findings above.", ""]
     lines += _sequence_section(res, figures, out_dir)
     lines += _predictions_section(res, figures, out_dir)
+    lines += _modern_section(res, figures, out_dir, root)
     lines += _figures_section(figures, out_dir)
     return "\n".join(lines) + "\n"
 
@@ -236,6 +238,13 @@ def _cpt_law_lines(res: T.Results) -> list[str]:
                   f"step of the sweep's measured best: **{'yes' if within else 'no'}**.", "",
                   md_table(st.verdicts), ""]
     return lines
+
+
+def _modern_section(res: T.Results, figures: list[Path], out_dir: Path, root: str | Path) -> list[str]:
+    """Today's recipes beside the paper's (``cptlab.analysis.modern``) with notebook 11's figures."""
+    mine = [p.relative_to(out_dir).as_posix() for p in figures
+            if p.relative_to(out_dir).parts[0].startswith(Mo.NOTEBOOK)]
+    return Mo.report_lines(res, RunStore(root) if root else None, md_table, mine)
 
 
 def _replay_law_lines(finals: pd.DataFrame) -> list[str]:

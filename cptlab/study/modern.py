@@ -162,3 +162,14 @@ def paper_recipe(shift: str, scale: str | Scale = "tiny", device: str = "auto") 
     """The paper's recipe the new runs are compared with: the replay sweep's run at the chosen replay."""
     return continual_run("replay", f"{shift}-replay{CHOSEN_REPLAY[shift]:g}", shift, scale,
                          replay=CHOSEN_REPLAY[shift], device=device)
+
+
+def comparison_runs(scale: str | Scale = "tiny", device: str = "auto") -> dict[str, list[Run]]:
+    """The runs the comparisons read, by experiment: the new ones, the paper's recipe and its run without
+    replay per shift, the base model, and the three-chunk experiment's (repeated cosine, WSD)."""
+    s = get_scale(scale)
+    replay = [paper_recipe(sh, s, device) for sh in SHIFTS]
+    replay += [continual_run("replay", f"{sh}-replay0", sh, s, device=device) for sh in SHIFTS]
+    infinite = [r for r in infinite_schedules(s, device) if r.labels["schedule"] in ("cosine", "wsd")]
+    return {"base": [base_run(s, 0, device)], "replay": replay, "infinite": infinite,
+            "modern": modern_runs(s, device)}

@@ -20,6 +20,9 @@ from cptlab.study import paper
 from cptlab.ui import common
 
 StagePlan = list[tuple[dict[str, Any], int]]
+# Plans beyond the kinds: a linear decay to zero (D2Z), and WSD-S (every stage decays; the next resumes
+# from the decayed model at max LR, ``schedules.wsd_s``).
+PLANS = (*sched.KINDS, "d2z", "wsd-s")
 
 
 # -- ScheduleExplorer ------------------------------------------------------------------------------
@@ -27,10 +30,11 @@ StagePlan = list[tuple[dict[str, Any], int]]
 class ScheduleExplorer:
     """Sliders for a schedule spec, drawn over ``n_stages`` stages of ``tokens per stage`` each.
 
-    The current kind is planned with ``cptlab.schedules.multi_stage`` (cosine re-warms and re-decays
-    every stage; infinite schedules and wsd warm up once and anneal/decay at the end of the last
-    stage). Kinds ticked in ``compare`` are drawn with the same sliders; "add to comparison" pins a
-    copy of the current schedule. ``steps_per_stage`` is only the plot's resolution: all lengths are
+    The current kind is planned with ``cptlab.schedules.multi_stage`` (cosine and linear re-warm and
+    re-decay every stage; infinite schedules and wsd warm up once and anneal/decay at the end of the last
+    stage); ``d2z`` is linear with min LR 0, and ``wsd-s`` decays every stage (``schedules.wsd_s``).
+    Kinds ticked in ``compare`` are drawn with the same sliders; "add to comparison" pins a copy of the
+    current schedule. ``steps_per_stage`` is only the plot's resolution: all lengths are
     fractions of a stage, so tokens per stage scales the x axis.
 
     ``law`` (a ``cptlab.analysis.laws.ScheduleLaw``, e.g. ``laws.explorer_law(scale)`` from the run
@@ -45,7 +49,7 @@ class ScheduleExplorer:
                  law: ScheduleLaw | None = None) -> None:
         p = paper.LR_405M
         self.steps_per_stage = steps_per_stage
-        self.kind = W.Dropdown(options=sched.KINDS, value=kind, description="kind")
+        self.kind = W.Dropdown(options=PLANS, value=kind, description="kind")
         self.max_lr = common.log_slider("max LR", p["max_lr"], -6, -1)
         self.min_lr = common.log_slider("min LR", p["min_lr"], -7, -1)
         self.warmup = common.percent_slider("warmup %", 100 * p["warmup"], hi=20.0, step=0.1)
@@ -57,7 +61,7 @@ class ScheduleExplorer:
         self.decay_shape = W.Dropdown(options=sched.DECAY_SHAPES, value="1-sqrt", description="decay shape")
         self.n_stages = W.IntSlider(value=n_stages, min=1, max=8, description="stages")
         self.tokens_per_stage = common.log_slider("tokens / stage", tokens_per_stage, 5, 13, fmt=".3g")
-        self.compare = W.SelectMultiple(options=sched.KINDS, value=tuple(compare), rows=len(sched.KINDS),
+        self.compare = W.SelectMultiple(options=PLANS, value=tuple(compare), rows=len(PLANS),
                                         description="compare")
         self.preset_button = W.Button(description="paper 405M", tooltip="max 3e-4, min 3e-5, const 1.65e-4, "
                                       "warmup 1%, cooldown 60%, alpha 10; 3 stages of 100B tokens")
@@ -119,16 +123,21 @@ class ScheduleExplorer:
         kind = kind or self.kind.value
         spec: dict[str, Any] = dict(kind=kind, max_lr=self.max_lr.value, min_lr=self.min_lr.value,
                                     warmup=self.warmup.value / 100)
+        if kind == "d2z":
+            spec.update(kind="linear", min_lr=0.0)
+        if kind == "wsd-s":
+            spec["kind"] = "wsd"
         if kind in sched.INFINITE_KINDS:
             spec.update(const_lr=self.const_lr.value, cooldown=self.cooldown.value / 100,
                         anneal=self.anneal.value / 100, alpha=self.alpha.value)
-        if kind == "wsd":
+        if spec["kind"] == "wsd":
             spec.update(decay=self.decay.value / 100, decay_shape=self.decay_shape.value)
         return spec
 
     def current_schedule(self, kind: str | None = None) -> StagePlan:
         """The (spec, steps) stages drawn for ``kind`` (default: the selected kind)."""
-        return sched.multi_stage(self.spec(kind), self.n_stages.value, self.steps_per_stage)
+        plan = sched.wsd_s if (kind or self.kind.value) == "wsd-s" else sched.multi_stage
+        return plan(self.spec(kind), self.n_stages.value, self.steps_per_stage)
 
     def tokens_per_step(self) -> float:
         return self.tokens_per_stage.value / self.steps_per_stage

@@ -20,6 +20,10 @@
     -  plot_prediction_errors final-loss and mean curve error of each held-out run                 (predict)
     -  plot_replay_law        D0 forgetting and D1 loss vs replay fraction: runs, law, left-out    (predict)
     -  plot_predicted_losses  predicted loss of schedules never trained                            (predict)
+    -  plot_recipes           today's recipes' final D0 / D1 minus the paper recipe's               (modern)
+    -  plot_recipe_curves     D0 and D1 loss vs tokens of chosen runs                               (modern)
+    -  plot_chunk_ends        loss at each chunk end: cosine to 10%, D2Z, WSD, WSD-S               (modern)
+    -  plot_microanneal       a microanneal's ranking of candidate corpora vs the full runs'       (modern)
 
 Figures are built with ``matplotlib.figure.Figure`` (not pyplot), so nothing is kept in pyplot's global
 state and nothing pops up on its own; show one in a notebook by making it a cell's last value, or save it
@@ -38,6 +42,7 @@ from cptlab.viz.curves import (
 )
 from cptlab.viz.finals import plot_compute_vs_loss, plot_replay_table
 from cptlab.viz.merges import plot_interpolation
+from cptlab.viz.modern import plot_chunk_ends, plot_microanneal, plot_recipe_curves, plot_recipes
 from cptlab.viz.predict import (
     plot_cpt_predictions,
     plot_predicted_losses,
@@ -54,4 +59,4 @@ __all__ = ["format_tokens", "save_figure", "schedule_curve", "plot_schedules", "
            "plot_rewarm_same_data", "plot_infinite", "plot_forgetting", "plot_scale_forgetting",
            "plot_scale_compute", "plot_interpolation", "plot_predictions", "plot_cpt_predictions",
            "plot_prediction_errors", "plot_replay_law", "plot_predicted_losses", "plot_forgetting_matrices",
-           "plot_sequence_curves"]
+           "plot_sequence_curves", "plot_recipes", "plot_recipe_curves", "plot_chunk_ends", "plot_microanneal"]
