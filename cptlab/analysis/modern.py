@@ -78,7 +78,7 @@ def soup_losses(store: RunStore, shift: str, scale: str = "tiny", device: str = 
     """Validation losses of the average of the shift's ``SOUP_ORDERS`` anneals ({} if one is not done)."""
     runs = [S.tail_run(shift, "anneal", scale, order, device) for order in S.SOUP_ORDERS]
     dirs = [RunDir(store.path(r.experiment, r.run_id)) for r in runs]
-    if not all(d.done for d in dirs):
+    if not all(d.done and d.stage_checkpoint("anneal").exists() for d in dirs):
         return {}
     cfg = dirs[0].load_config()
     states = [load_checkpoint(d.stage_checkpoint("anneal"))["model"] for d in dirs]

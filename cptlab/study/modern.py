@@ -45,9 +45,11 @@ def _whole_batches(s: Scale, tokens: float) -> int:
     return max(step, round(tokens / step) * step)
 
 
-def _labels(shift: str, s: Scale, recipe: str, **extra: Any) -> dict[str, Any]:
+def _labels(shift: str, s: Scale, recipe: str, spec: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """What a run of the comparison is: its shift, recipe and (last) schedule, as the continual runs say."""
     return {"role": "modern", "shift": shift, "d0": D0, "d1": SHIFTS[shift], "recipe": recipe,
-            "replay": CHOSEN_REPLAY[shift], "switch_tokens": s.base_tokens,
+            "replay": CHOSEN_REPLAY[shift], "schedule": spec["kind"], "max_lr": spec["max_lr"],
+            "warmup": spec.get("warmup", 0.0), "switch_tokens": s.base_tokens,
             "compute_tokens": s.base_tokens + s.new_tokens, **extra}
 
 
@@ -61,7 +63,7 @@ def stable_run(shift: str, scale: str | Scale = "tiny", device: str = "auto") ->
     stage = {"name": "stable", "data": {d1: 1.0}, "tokens": tokens, "schedule": spec,
              "replay": {"source": D0, "fraction": CHOSEN_REPLAY[shift]}, "init_from": base.ref("pretrain")}
     cfg = run_config(s, [stage], [D0, d1], 0, device, s.eval_every(s.new_tokens))
-    labels = _labels(shift, s, "stable", compute_tokens=s.base_tokens + tokens)
+    labels = _labels(shift, s, "stable", spec, compute_tokens=s.base_tokens + tokens)
     return Run(EXPERIMENT, f"{shift}-stable", cfg, labels, [base])
 
 
@@ -86,7 +88,7 @@ def tail_run(shift: str, tail: str, scale: str | Scale = "tiny", order: int = 0,
         raise ValueError(f"tail: unknown tail {tail!r}; allowed: {', '.join(TAILS)}")
     cfg = run_config(s, [stage], [D0, d1], order, device, s.eval_every(s.new_tokens))
     name = f"{shift}-{tail}" + (f"-order{order}" if tail == "anneal" else "")
-    return Run(EXPERIMENT, name, cfg, _labels(shift, s, tail, order=order), [trunk])
+    return Run(EXPERIMENT, name, cfg, _labels(shift, s, tail, stage["schedule"], order=order), [trunk])
 
 
 def schedule_free_run(shift: str, scale: str | Scale = "tiny", *, rewarm: bool = True, replay: bool = True,
@@ -98,7 +100,7 @@ def schedule_free_run(shift: str, scale: str | Scale = "tiny", *, rewarm: bool =
     frac = CHOSEN_REPLAY[shift] if replay else 0.0
     name = f"{shift}-schedulefree" + ("" if rewarm else "-nowarmup") + ("" if replay else "-noreplay")
     run = continual_run(EXPERIMENT, name, shift, s, replay=frac, schedule=spec, device=device,
-                        labels=_labels(shift, s, "schedule-free", rewarm=rewarm, replay=frac))
+                        labels=_labels(shift, s, "schedule-free", spec, rewarm=rewarm, replay=frac))
     run.config.stages[0].optimizer = "schedulefree_adamw"
     return run
 
@@ -114,8 +116,8 @@ def microanneal_run(candidate: str, scale: str | Scale = "tiny", device: str = "
              "replay": {"source": D0, "fraction": 1 - MICRO_SHARE}, "init_from": base.ref("pretrain")}
     cfg = run_config(s, [stage], [D0, candidate], 0, device, tokens)
     shift = next(k for k, v in SHIFTS.items() if v == candidate)
-    labels = {"role": "microanneal", "shift": shift, "d0": D0, "d1": candidate, "recipe": "microanneal",
-              "switch_tokens": s.base_tokens, "compute_tokens": s.base_tokens + tokens}
+    labels = {**_labels(shift, s, "microanneal", stage["schedule"], replay=1 - MICRO_SHARE),
+              "role": "microanneal", "d1": candidate, "compute_tokens": s.base_tokens + tokens}
     return Run(EXPERIMENT, f"micro-{candidate}", cfg, labels, [base])
 
 
