@@ -85,7 +85,7 @@ def test_relative_corpus_paths_resolve_against_the_config_folder(tmp_path):
         ("stages.1.replay.fraction=1.0", r"stages\[1\] \(continue\).replay.fraction: must be in \[0, 1\)"),
         ("stages.1.replay.source=de-man", r"replay.source: 'de-man' is also the only new corpus"),
         ("stages.0.data={en-man: 0}", r"stages\[0\] \(pretrain\).data.en-man: weight must be > 0"),
-        ("stages.0.schedule.kind=linear", r"stages\[0\] \(pretrain\).schedule.kind"),
+        ("stages.0.schedule.kind=exponential", r"stages\[0\] \(pretrain\).schedule.kind"),
         ("train.precision=fp8", r"train.precision: 'fp8' not allowed; allowed: auto, fp32, bf16"),
         ("train.device=cuda:N", r"train.device: 'cuda:N' not allowed; allowed: auto, cpu, cuda, mps, cuda:N"),
         ("train.seq_len=4096", r"train.seq_len \(4096\) exceeds model.n_ctx"),

@@ -151,7 +151,7 @@ INF = dict(kind="infinite_cosine")
 
 
 @pytest.mark.parametrize("spec, match", [
-    (dict(kind="foo"), r"^kind: 'foo' not allowed; allowed: constant, cosine, infinite_cosine, "
+    (dict(kind="foo"), r"^kind: 'foo' not allowed; allowed: constant, cosine, linear, infinite_cosine, "
                        r"infinite_inv_sqrt, wsd$"),
     (dict(warmpu=0.1), r"^warmpu: unknown key; allowed: kind, max_lr"),
     (dict(min_lr=0.5, max_lr=0.1), r"^min_lr: 0.5 is larger than max_lr \(0.1\)$"),
