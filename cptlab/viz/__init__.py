@@ -59,4 +59,5 @@ __all__ = ["format_tokens", "save_figure", "schedule_curve", "plot_schedules", "
            "plot_rewarm_same_data", "plot_infinite", "plot_forgetting", "plot_scale_forgetting",
            "plot_scale_compute", "plot_interpolation", "plot_predictions", "plot_cpt_predictions",
            "plot_prediction_errors", "plot_replay_law", "plot_predicted_losses", "plot_forgetting_matrices",
-           "plot_sequence_curves", "plot_recipes", "plot_recipe_curves", "plot_chunk_ends", "plot_microanneal"]
+           "plot_sequence_curves", "plot_recipes", "plot_recipe_curves", "plot_chunk_ends",
+           "plot_microanneal"]
