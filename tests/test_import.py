@@ -1,0 +1,223 @@
+"""cptlab import: random small models of each family built from transformers configs (single and sharded
+safetensors), converted with equal logits, exported back in their own class; the lab's own base exported and
+imported continues exactly as the native base; bad input refused in one line before training."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from cptlab import cli
+from cptlab.config import ModelConfig, RunConfig
+from cptlab.data.tokenizer import Tokenizer
+from cptlab.interop import pretrained
+from cptlab.interop.evaluate import load_model
+from cptlab.training.model import GPT
+from cptlab.training.rundir import RunDir
+from cptlab.training.train import train
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 300  # the byte tokenizer's 257 ids fit
+SMALL = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             intermediate_size=48,
+             max_position_embeddings=128)
+FAMILIES = {
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(**SMALL, use_parallel_residual=True),
+    "llama": lambda: transformers.LlamaConfig(
+        **SMALL, num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "qwen2": lambda: transformers.Qwen2Config(**SMALL, num_key_value_heads=1, tie_word_embeddings=True),
+}
+CLASSES = {"gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+WORDS = "the quick brown fox jumps over the lazy dog while a manual page explains options".split()
+
+
+def save_model(folder: Path, family: str, shard: str | None = None, seed: int = 0) -> Path:
+    """A random transformers model of ``family`` and the byte tokenizer, saved in ``folder``."""
+    torch.manual_seed(seed)
+    cls = getattr(transformers, CLASSES[family])
+    model = cls(FAMILIES[family]())
+    with torch.no_grad():  # norms and biases away from their 1 / 0 init, so that a lost one shows
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(str(folder), **({"max_shard_size": shard} if shard else {}))
+    Tokenizer("byte").to_tokenizers().save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def probe() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("import")
+    rng = random.Random(0)
+    for name, words in (("old", WORDS), ("new", [w.upper() for w in WORDS])):
+        text = "\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(200))
+        (folder / f"{name}.txt").write_text(text + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("shard", [None, "20KB"])
+def test_each_family_imports_and_exports_with_equal_logits(family, shard, tmp_path):
+    src = save_model(tmp_path / f"{family}-model", family, shard)
+    assert (src / "model.safetensors.index.json").exists() == (shard is not None)
+    result = pretrained.import_model(src, tmp_path / "runs")
+    assert result["family"] == family and not result["reused"]
+    model, cfg, stage = load_model(result["run"])
+    hf = getattr(transformers, CLASSES[family]).from_pretrained(str(src), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (model(probe())[0] - hf(probe()).logits).abs().max() < 1e-4
+    assert stage == "pretrained" and RunDir(result["run"]).done
+    assert GPT.count_params(cfg.model) == sum(p.numel() for p in hf.parameters())
+    out = tmp_path / "exported"
+    assert cli.main(["export", str(result["run"]), "--out", str(out)]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    assert type(back).__name__ == CLASSES[family]
+    with torch.no_grad():
+        assert (back(probe()).logits - hf(probe()).logits).abs().max() < 1e-4
+
+
+def test_importing_the_same_source_twice_gives_the_same_run(tmp_path):
+    src = save_model(tmp_path / "m", "llama")
+    first = pretrained.import_model(src, tmp_path / "runs")
+    again = pretrained.import_model(src, tmp_path / "runs")
+    assert again["run_id"] == first["run_id"] and again["reused"]
+    other = pretrained.import_model(save_model(tmp_path / "m2" / "m", "llama", seed=1), tmp_path / "runs")
+    assert other["run_id"] != first["run_id"]  # same name and config, other weights
+
+
+def test_the_hub_id_path_downloads_then_imports(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    src = save_model(tmp_path / "local", "qwen2")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: str(src))
+    result = pretrained.import_model("someone/tiny-qwen", tmp_path / "runs")
+    assert result["run_id"].startswith("tiny-qwen-")
+    assert RunDir(result["run"]).labels()["source"] == "someone/tiny-qwen"
+
+
+def base_config(corpus: Path, stages: list[dict]) -> dict:
+    return {"model": {"preset": "smoke"}, "tokenizer": {"kind": "byte"},
+            "train": {"seq_len": 32, "batch_size": 8, "device": "cpu", "precision": "fp32", "threads": 1,
+                      "log_every_steps": 2},
+            "eval": {"sets": ["old"], "tokens": 512, "every_tokens": 1024},
+            "corpora": {name: {"path": str(corpus / f"{name}.txt"), "sample_by": "line"}
+                        for name in ("old", "new")},
+            "stages": stages}
+
+
+def test_the_labs_base_exported_and_imported_continues_as_the_native_base(corpus, tmp_path):
+    store = tmp_path / "runs"
+    schedule = {"kind": "cosine", "max_lr": 3e-3, "min_lr": 3e-4}
+    base = store / "exp" / "base"
+    cfg = base_config(corpus, [{"name": "a", "data": {"old": 1.0}, "tokens": 2048, "schedule": schedule}])
+    assert train(RunConfig.from_dict(cfg), base, quiet=True).status == "done"
+    assert cli.main(["export", str(base), "--out", str(tmp_path / "hf")]) == 0
+    result = pretrained.import_model(tmp_path / "hf", store, eval_sets=["old"], train=cfg["train"],
+                                     corpora=cfg["corpora"], eval_tokens=512)
+    base_last = [r for r in RunDir(base).read_metrics() if "val" in r][-1]["val"]["old"]
+    assert result["val"]["old"] == pytest.approx(base_last, abs=1e-6)
+
+    def continual(init_from: dict, **extra) -> list[dict]:
+        c = base_config(corpus, [{"name": "b", "data": {"new": 1.0}, "tokens": 2048, "schedule": schedule,
+                                  "init_from": init_from, "replay": {"source": "old", "fraction": 0.25}}])
+        c.update(extra)
+        name = "from-import" if extra else "from-native"
+        assert train(RunConfig.from_dict(c), store / "exp" / name, quiet=True).status == "done"
+        return [r for r in RunDir(store / "exp" / name).read_metrics() if "val" in r]
+
+    settings = pretrained.base_settings(result["run"])
+    native = continual({"experiment": "exp", "run": "base", "stage": "a"})
+    imported = continual(settings["init_from"], model=settings["model"], tokenizer=settings["tokenizer"])
+    assert imported[0]["val"]["old"] == pytest.approx(result["val"]["old"], abs=1e-6)
+    assert len(native) == len(imported) > 2
+    for a, b in zip(native, imported):  # the native run's counters continue the base's 2,048 tokens
+        assert a["tokens"] - 2048 == b["tokens"]
+        for name in ("old", "new"):
+            assert a["val"][name] == pytest.approx(b["val"][name], abs=1e-5)
+
+
+def test_new_model_options_keep_todays_config_hashes():
+    # computed on main before these options existed
+    assert RunConfig(model=ModelConfig(preset="smoke")).hash() == SMOKE_HASH
+    assert RunConfig(model=ModelConfig(preset="smoke", norm="rmsnorm")).hash() != SMOKE_HASH
+
+
+SMOKE_HASH = "aaca24e92eca"
+
+
+# -- bad input: one line, exit 2, before anything is written ------------------------------------------
+
+def refused(capsys, args: list[str], match: str) -> None:
+    capsys.readouterr()  # what saving the test model printed
+    assert cli.main(["import", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and match in err, err
+
+
+def test_an_unknown_architecture_is_refused_naming_the_supported(tmp_path, capsys):
+    src = save_model(tmp_path / "m", "llama")
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "architectures": ["MambaForCausalLM"]}))
+    refused(capsys, [str(src), "--out", str(tmp_path / "runs")],
+            "architecture MambaForCausalLM is not supported; supported: GPTNeoXForCausalLM, LlamaForCausalLM")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_or_truncated_weights_are_refused(tmp_path, capsys):
+    src = save_model(tmp_path / "m", "gpt_neox", shard="20KB")
+    shards = sorted(src.glob("model-*.safetensors"))
+    data = shards[0].read_bytes()
+    shards[0].write_bytes(data[:-100])
+    refused(capsys, [str(src)], f"weights: {shards[0].name} is truncated")
+    shards[0].unlink()
+    refused(capsys, [str(src)], "shard(s) of model.safetensors.index.json are missing")
+    single = save_model(tmp_path / "s", "qwen2")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(single / "model.safetensors"))
+    tensors.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(tensors, str(single / "model.safetensors"), metadata={"format": "pt"})
+    refused(capsys, [str(single)], "weights: tensor model.layers.1.mlp.up_proj.weight is missing")
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path, capsys):
+    from tokenizers import Tokenizer as HF
+
+    src = save_model(tmp_path / "m", "llama")
+    tok = HF.from_file(str(src / "tokenizer.json"))
+    tok.add_tokens([f"extra{i}" for i in range(60)])
+    tok.save(str(src / "tokenizer.json"))
+    refused(capsys, [str(src)], "tokenizer: ")
+    refused(capsys, [str(src)], "has 317 ids, more than the model's embedding holds (vocab_size 300)")
+
+
+def test_weights_of_other_shapes_than_the_config_are_refused(tmp_path, capsys):
+    src = save_model(tmp_path / "m", "llama")
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "vocab_size": 260}))
+    refused(capsys, [str(src)], "weights: wte.weight has shape (300, 32) in the checkpoint, the config says "
+                                "(260, 32)")
+
+
+def test_a_model_larger_than_the_memory_is_refused_saying_what_it_needs(tmp_path, capsys, monkeypatch):
+    src = save_model(tmp_path / "m", "qwen2")
+    monkeypatch.setattr(pretrained, "available_memory", lambda: 1000)
+    refused(capsys, [str(src)], "GiB of memory; this machine has 0.0 GiB available")
+
+
+def test_a_folder_that_is_not_a_model_is_refused(tmp_path, capsys):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("hello")
+    refused(capsys, [str(tmp_path / "notes")], "is not a transformers model folder (no config.json)")
+    refused(capsys, [str(tmp_path / "nowhere")], "does not exist and is not a hub id")
