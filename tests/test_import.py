@@ -128,17 +128,23 @@ def test_the_labs_base_exported_and_imported_continues_as_the_native_base(corpus
     base_last = [r for r in RunDir(base).read_metrics() if "val" in r][-1]["val"]["old"]
     assert result["val"]["old"] == pytest.approx(base_last, abs=1e-6)
 
-    def continual(init_from: dict, **extra) -> list[dict]:
+    def continual(init_from: dict, name: str, stop_after: int | None = None, **extra) -> list[dict]:
         c = base_config(corpus, [{"name": "b", "data": {"new": 1.0}, "tokens": 2048, "schedule": schedule,
                                   "init_from": init_from, "replay": {"source": "old", "fraction": 0.25}}])
         c.update(extra)
-        name = "from-import" if extra else "from-native"
+        if stop_after is not None:  # stopped mid-stage (with a checkpoint), then resumed
+            calls: list[int] = []
+            stopped = train(RunConfig.from_dict(c), store / "exp" / name, quiet=True,
+                            stop=lambda: calls.append(1) or len(calls) > stop_after)
+            assert stopped.status == "stopped"
         assert train(RunConfig.from_dict(c), store / "exp" / name, quiet=True).status == "done"
         return [r for r in RunDir(store / "exp" / name).read_metrics() if "val" in r]
 
     settings = pretrained.base_settings(result["run"])
-    native = continual({"experiment": "exp", "run": "base", "stage": "a"})
-    imported = continual(settings["init_from"], model=settings["model"], tokenizer=settings["tokenizer"])
+    native = continual({"experiment": "exp", "run": "base", "stage": "a"}, "from-native")
+    sections = dict(model=settings["model"], tokenizer=settings["tokenizer"])
+    imported = continual(settings["init_from"], "from-import", **sections)
+    assert continual(settings["init_from"], "from-import-resumed", stop_after=5, **sections) == imported
     assert imported[0]["val"]["old"] == pytest.approx(result["val"]["old"], abs=1e-6)
     assert len(native) == len(imported) > 2
     for a, b in zip(native, imported):  # the native run's counters continue the base's 2,048 tokens
@@ -221,3 +227,40 @@ def test_a_folder_that_is_not_a_model_is_refused(tmp_path, capsys):
     (tmp_path / "notes" / "a.txt").write_text("hello")
     refused(capsys, [str(tmp_path / "notes")], "is not a transformers model folder (no config.json)")
     refused(capsys, [str(tmp_path / "nowhere")], "does not exist and is not a hub id")
+
+
+# -- the widgets list imported models as bases ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def imported_smoke_base(tmp_path_factory) -> Path:
+    """The smoke scale's own base model, exported and imported back into the session's run store."""
+    from cptlab.study import experiments as E
+    from cptlab.study import runner
+    from cptlab.training.store import runs_root
+
+    base = E.base_run("smoke")
+    runner.run_all([base], runs_root(), workers=1, log=lambda _: None)
+    out = tmp_path_factory.mktemp("smoke-export") / "smoke-base"
+    assert cli.main(["export", str(runner.run_dir(base, runs_root())), "--out", str(out)]) == 0
+    return pretrained.import_model(out, runs_root(), eval_sets=list(base.config.eval.sets),
+                                   train={"seq_len": 64})["run"]
+
+
+@pytest.mark.slow  # trains the smoke base if the session has not, and tokenises its corpora anew
+def test_the_launcher_continues_an_imported_model_and_the_browser_shows_it(imported_smoke_base):
+    from cptlab.ui import ResultsBrowser, RunLauncher
+
+    launcher = RunLauncher(scale="smoke", shift="strong", replay=0.25, device="cpu")
+    assert (f"{imported_smoke_base.name} (imported)", str(imported_smoke_base)) in launcher.base.options
+    launcher.base.value = str(imported_smoke_base)
+    run = launcher.run()
+    assert run.config.stages[0].init_from.run == imported_smoke_base.name and not run.needs
+    assert run.labels["d0_stand_in"] and run.config.tokenizer.kind == "file"
+    launcher.train_button.click()
+    assert launcher.wait(300) and launcher.error is None, launcher.status.value
+    assert launcher.base_records and launcher.records[-1]["stage"] == "continue"
+    browser = ResultsBrowser(experiment="launcher")
+    browser.runs.value = (f"launcher/{run.run_id}",)
+    refs = browser.reference_frame()
+    assert set(refs["run_id"]) == {f"pretrained/{imported_smoke_base.name}"}
+    assert "base model" in browser.curves()["D0"]
