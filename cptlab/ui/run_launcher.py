@@ -111,7 +111,8 @@ class RunLauncher:
                                     readout_format=".0f", style=style)
         self.scale = W.Dropdown(options=tuple(SCALES), value=scale, description="scale", style=style)
         self.device = W.Dropdown(options=DEVICES, value=device, description="device", style=style)
-        self.base = W.Dropdown(options=imported_bases(self.store), value="", description="base", style=style)
+        self.base = W.Dropdown(options=imported_bases(self.store), value="", description="base",
+                               style=style)
         self.schedule = ScheduleExplorer(kind="cosine", compare=(), n_stages=1)
         self.schedule.tokens_per_stage.min = 3  # a smoke stage is a few thousand tokens
         self.schedule.figsize = (7.0, 3.6)
