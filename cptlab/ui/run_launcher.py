@@ -154,7 +154,8 @@ class RunLauncher:
         self.suggest_button.on_click(lambda _: self.suggest())
         self.scale.observe(lambda _: self._apply_scale(), names="value")
         ex = self.schedule
-        for control in (self.shift, self.replay, self.device, self.base, ex.kind, ex.max_lr, ex.min_lr, ex.warmup,
+        for control in (self.shift, self.replay, self.device, self.base, ex.kind, ex.max_lr, ex.min_lr,
+                        ex.warmup,
                         ex.const_lr, ex.cooldown, ex.anneal, ex.alpha, ex.decay, ex.decay_shape):
             control.observe(lambda _: self._changed(), names="value")
         self.widget = self._layout()
