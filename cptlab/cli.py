@@ -102,7 +102,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
     result = import_model(args.src, args.out, name=args.name, eval_sets=args.eval or [],
                           stand_in=args.stand_in, n_ctx=args.n_ctx,
-                          train={"seq_len": args.seq_len} if args.seq_len else None)
+                          train={"seq_len": args.seq_len} if args.seq_len else None, run_id=args.run_id)
     done = "already there, not redone" if result["reused"] else "written"
     print(f"imported {args.src} ({result['family']}, {result['parameters']:,} parameters, logits within "
           f"{result['logit_diff']:.2g} of transformers') as {result['run']} ({done})")
@@ -219,6 +219,8 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="the run store (default: $CPTLAB_RUNS, else ./runs); the run lands in "
                                  "OUT/pretrained/<name>-<hash>")
     p.add_argument("--name", help="the run's name (default: the source folder's name)")
+    p.add_argument("--run-id", help="the run's whole id instead of <name>-<hash> (recipes name their base "
+                                    "so)")
     p.add_argument("--eval", action="append", metavar="CORPUS", help="a corpus to evaluate on (repeatable)")
     p.add_argument("--stand-in", metavar="CORPUS",
                    help="the corpus standing in for the pretraining data (default: the first --eval)")

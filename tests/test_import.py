@@ -264,3 +264,24 @@ def test_the_launcher_continues_an_imported_model_and_the_browser_shows_it(impor
     refs = browser.reference_frame()
     assert set(refs["run_id"]) == {f"pretrained/{imported_smoke_base.name}"}
     assert "base model" in browser.curves()["D0"]
+
+
+def test_pythias_published_config_is_the_papers_405m_model():
+    """EleutherAI/pythia-410m's config.json (the older key names: rotary_pct, rotary_emb_base) reads as the
+    lab's paper-405m preset, 405,334,016 parameters; its lm head may be called embed_out."""
+    from cptlab.interop import families
+
+    published = {"architectures": ["GPTNeoXForCausalLM"], "hidden_act": "gelu", "hidden_size": 1024,
+                 "intermediate_size": 4096, "layer_norm_eps": 1e-05, "max_position_embeddings": 2048,
+                 "model_type": "gpt_neox", "num_attention_heads": 16, "num_hidden_layers": 24,
+                 "rotary_emb_base": 10000, "rotary_pct": 0.25, "tie_word_embeddings": False,
+                 "use_parallel_residual": True, "vocab_size": 50304}
+    model = families.model_config(published)
+    preset = RunConfig(model=ModelConfig(preset="paper-405m")).resolve().model
+    assert GPT.count_params(model) == GPT.count_params(preset) == 405_334_016
+    with torch.device("meta"):
+        theirs = families.from_cptlab(GPT(model).state_dict(), model)
+        expected = {k: v.shape for k, v in GPT(preset).state_dict().items()}
+    theirs["embed_out.weight"] = theirs.pop("lm_head.weight")
+    assert {k: v.shape for k, v in families.to_cptlab(theirs, model).items()} == expected
+    assert pretrained.PASTS["pythia-410m"]["max_lr"] == 3e-4

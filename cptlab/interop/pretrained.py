@@ -6,7 +6,7 @@ from with a run reference (``init_from: {experiment: pretrained, run: <id>, stag
         config.json      the resolved config: the model's ``ModelConfig``, its own tokenizer (``kind: file``,
                          the copy below) and one stage ``pretrained`` that reads no data and trains 0 tokens
         tokenizer.json   the model's tokenizer
-        labels.json      role ``pretrained``; the source, its family and class, the weights' sha256, the
+        labels.json      role ``pretrained``; the source, its family and class, its digest, the
                          logit check's difference; ``d0``: the corpus that stands in for the pretraining data
                          (``d0_stand_in`` true); ``past``: its published training schedule where known
         checkpoints/stage-pretrained.pt   the converted weights (fp32)
@@ -253,10 +253,12 @@ def default_name(src: str | Path) -> str:
 def import_model(src: str | Path, out: str | Path | None = None, name: str | None = None,
                  eval_sets: list[str] | None = None, stand_in: str | None = None, n_ctx: int | None = None,
                  train: dict[str, Any] | None = None, corpora: dict[str, dict[str, Any]] | None = None,
-                 eval_tokens: int | None = None) -> dict[str, Any]:
+                 eval_tokens: int | None = None, run_id: str | None = None) -> dict[str, Any]:
     """Import ``src`` into the run store ``out`` (default: ``$CPTLAB_RUNS``) as experiment ``pretrained``
     (see the module docstring); ``eval_sets`` may name user ``corpora`` (as a run config's), evaluated
-    with ``train`` settings (``import_config``) on ``eval_tokens`` tokens. Returns run (its directory),
+    with ``train`` settings (``import_config``) on ``eval_tokens`` tokens. ``run_id`` replaces the id
+    ``<name>-<hash>`` (recipes name their base so; another model there is refused). Returns run (its
+    directory),
     run_id, family, parameters, logit_diff,
     val ({set: loss}) and reused."""
     path = resolve_source(src)
@@ -264,10 +266,13 @@ def import_model(src: str | Path, out: str | Path | None = None, name: str | Non
     tokenizer = check_tokenizer(path, source.model)
     check_memory(source)
     cfg = import_config(source, eval_sets or [], train, corpora, eval_tokens)
-    run_id = f"{name or default_name(src)}-{source_digest(source, cfg, tokenizer)}"
-    run = RunStore(out).run(EXPERIMENT, run_id)
+    digest = source_digest(source, cfg, tokenizer)
+    run = RunStore(out).run(EXPERIMENT, run_id or f"{name or default_name(src)}-{digest}")
     if run.done:
         labels = run.labels()
+        if labels.get("digest") != digest:
+            raise RunDirError(f"{run.path} holds another imported model; refusing to overwrite it: give "
+                              "another --run-id")
         return _result(run, labels, reused=True)
     copy = TokenizerConfig(kind="file", path=str(run.path / "tokenizer.json"))
     cfg = dataclasses.replace(cfg, tokenizer=copy)
@@ -278,7 +283,7 @@ def import_model(src: str | Path, out: str | Path | None = None, name: str | Non
     labels = {"role": "pretrained", "experiment": EXPERIMENT, "name": run.name, "source": str(src),
               "family": source.family, "class": families.CLASSES[source.family],
               "parameters": source.n_params,
-              "weights_sha256": run_id.rsplit("-", 1)[1], "logit_diff": diff, "d0": stand_in,
+              "digest": digest, "logit_diff": diff, "d0": stand_in,
               "d0_stand_in": True, "past": PASTS.get(default_name(src))}
     _write(run, cfg, labels, model, path / "tokenizer.json", evaluate_model(model, cfg, sets))
     return _result(run, labels, reused=False)
