@@ -8,6 +8,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -285,3 +286,50 @@ def test_pythias_published_config_is_the_papers_405m_model():
     theirs["embed_out.weight"] = theirs.pop("lm_head.weight")
     assert {k: v.shape for k, v in families.to_cptlab(theirs, model).items()} == expected
     assert pretrained.PASTS["pythia-410m"]["max_lr"] == 3e-4
+
+
+# -- the imported model's past in the schedule law ----------------------------------------------------
+
+def _curve(law_past: float, past_area: float | None):
+    from cptlab.analysis import laws
+
+    decay = 3e-5 + 0.5 * 2.7e-4 * (1 + np.cos(np.linspace(0, np.pi, 380)))
+    lr = np.concatenate([np.linspace(0, 3e-4, 20), decay])
+    truth = laws.ScheduleLaw(2.0, 1.5, 0.5, 400.0, 0.9, 3e-4, "old", (), 1024, 0, 0.0, law_past, "fitted")
+    steps = np.arange(20, 401, 20)
+    loss = truth.loss(lr, steps)
+    return laws.Curve("x/run", "old", steps, loss, lr, 0, 1024, ("new",), past_area), truth
+
+
+def test_the_law_fits_an_unknown_past_and_takes_a_published_one():
+    from cptlab.analysis import laws
+
+    true_past = laws.PAST_AREAS[9]  # in steps at lr_ref
+    curve, truth = _curve(true_past, None)
+    fitted = laws.fit_schedule_law([curve])
+    assert fitted.past == "fitted" and fitted.s1_past == pytest.approx(true_past) and fitted.rmse < 1e-6
+    assert "the imported model's past fitted" in fitted.describe()
+    curve.past_area = true_past * 3e-4  # known: LR x steps
+    published = laws.fit_schedule_law([curve])
+    assert published.past == "published" and published.s1_past == pytest.approx(true_past)
+    curve.past_area = 0.0  # taken as trained from scratch: the law fits worse
+    assert laws.fit_schedule_law([curve]).rmse > published.rmse
+
+
+def test_pythias_published_past_is_its_forward_area_in_the_continual_runs_steps(tmp_path):
+    from cptlab.analysis import laws
+    from cptlab.schedules import ScheduleConfig, lr_values
+    from cptlab.study import experiments as E
+    from cptlab.training.store import RunStore
+
+    run_dir = tmp_path / "pretrained" / "pythia-410m"
+    run_dir.mkdir(parents=True)
+    (run_dir / "labels.json").write_text(json.dumps({"role": "pretrained",
+                                                     "past": pretrained.PASTS["pythia-410m"]}))
+    cfg = RunConfig.from_dict({"train": {"seq_len": 2048, "batch_size": 256}, "stages": [
+        {"name": "continue", "data": {"en-man": 1.0}, "tokens": 2048 * 256 * 10,
+         "init_from": {"experiment": "pretrained", "run": "pythia-410m", "stage": "pretrained"}}]})
+    area = laws.past_area(E.Run("x", "y", cfg), RunStore(tmp_path))
+    spec = ScheduleConfig(kind="cosine", max_lr=3e-4, min_lr=3e-5, warmup=0.01).to_spec()
+    assert area == pytest.approx(sum(lr_values([(spec, 143_000)])) * 4)  # Pythia's batch is 4 of these
+    assert 90 < area < 100  # about 143,000 x 4 steps at a mean LR near 1.65e-4
