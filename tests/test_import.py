@@ -95,6 +95,11 @@ def test_importing_the_same_source_twice_gives_the_same_run(tmp_path):
     assert again["run_id"] == first["run_id"] and again["reused"]
     other = pretrained.import_model(save_model(tmp_path / "m2" / "m", "llama", seed=1), tmp_path / "runs")
     assert other["run_id"] != first["run_id"]  # same name and config, other weights
+    from cptlab.analysis.report import imported_section
+
+    section = "\n".join(imported_section(tmp_path / "runs"))
+    assert section.count("**stands in**") == 2
+    assert "LR history: unknown (the schedule law fits its area)" in section
 
 
 def test_the_hub_id_path_downloads_then_imports(tmp_path, monkeypatch):
@@ -249,6 +254,7 @@ def imported_smoke_base(tmp_path_factory) -> Path:
 
 @pytest.mark.slow  # trains the smoke base if the session has not, and tokenises its corpora anew
 def test_the_launcher_continues_an_imported_model_and_the_browser_shows_it(imported_smoke_base):
+    from cptlab.training.store import runs_root
     from cptlab.ui import ResultsBrowser, RunLauncher
 
     launcher = RunLauncher(scale="smoke", shift="strong", replay=0.25, device="cpu")
@@ -265,6 +271,10 @@ def test_the_launcher_continues_an_imported_model_and_the_browser_shows_it(impor
     refs = browser.reference_frame()
     assert set(refs["run_id"]) == {f"pretrained/{imported_smoke_base.name}"}
     assert "base model" in browser.curves()["D0"]
+    from cptlab.analysis.report import imported_section
+
+    section = "\n".join(imported_section(runs_root()))
+    assert f"`{imported_smoke_base.name}`" in section and f"launcher/{run.name}" in section
 
 
 def test_pythias_published_config_is_the_papers_405m_model():
