@@ -343,3 +343,20 @@ def test_pythias_published_past_is_its_forward_area_in_the_continual_runs_steps(
     spec = ScheduleConfig(kind="cosine", max_lr=3e-4, min_lr=3e-5, warmup=0.01).to_spec()
     assert area == pytest.approx(sum(lr_values([(spec, 143_000)])) * 4)  # Pythia's batch is 4 of these
     assert 90 < area < 100  # about 143,000 x 4 steps at a mean LR near 1.65e-4
+
+
+def test_a_wrong_conversion_is_refused_by_the_logit_check(tmp_path, monkeypatch, capsys):
+    from cptlab.interop import families
+
+    src = save_model(tmp_path / "m", "llama")
+    right = families.to_cptlab
+
+    def swapped(tensors, model):  # gate and up exchanged: shapes fit, the function does not
+        out = right(tensors, model)
+        fc = out["blocks.0.mlp.fc.weight"]
+        out["blocks.0.mlp.fc.weight"] = torch.cat(fc.chunk(2)[::-1])
+        return out
+
+    monkeypatch.setattr(families, "to_cptlab", swapped)
+    refused(capsys, [str(src), "--out", str(tmp_path / "runs")], "logits differ from transformers' by")
+    assert not list((tmp_path / "runs").glob("pretrained/*/DONE"))

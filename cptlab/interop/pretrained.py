@@ -211,6 +211,7 @@ def check_logits(model: GPT, source: Source) -> float:
     """The largest fp32 logit difference between ``model`` and transformers' own reading of the folder;
     refuse more than ``PROBE_TOLERANCE``."""
     tf = families.transformers_module()
+    tf.utils.logging.disable_progress_bar()  # the import prints its own one-line result
     hf = getattr(tf, families.CLASSES[source.family]).from_pretrained(str(source.path), dtype=torch.float32)
     diff = families.logit_difference(model, hf.eval())
     if not diff <= families.PROBE_TOLERANCE:
