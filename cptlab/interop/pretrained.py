@@ -37,9 +37,8 @@ import torch
 
 from cptlab import data
 from cptlab.config import ConfigError, EvalConfig, ModelConfig, RunConfig, Stage, TokenizerConfig, TrainConfig
-from cptlab.files import atomic_write_text
 from cptlab.interop import families
-from cptlab.interop.merge import evaluate_model, val_sets
+from cptlab.interop.merge import evaluate_model, val_sets, write_untrained_run
 from cptlab.schedules import ScheduleConfig
 from cptlab.training.model import GPT
 from cptlab.training.rundir import RunDir, RunDirError
@@ -298,19 +297,8 @@ def _write(run: RunDir, cfg: RunConfig, labels: dict[str, Any], model: GPT, toke
     run.check_usable()
     run.lock()
     try:  # an import killed half-way is done again over its own files (the same config)
-        run.write_labels(labels)
-        run.claim(cfg)
-        atomic_write_text(run.path / "tokenizer.json", tokenizer_file.read_text(encoding="utf-8"))
-        progress = {"step": 0, "tokens": 0, "sequences_done": {}}
-        run.save_stage_checkpoint({"model": model.state_dict(), "progress": progress,
-                                   "config_hash": cfg.hash()}, STAGE, 0)
-        run.open_metrics(0)
-        try:
-            run.log({"step": 0, "tokens": 0, "stage": STAGE, "lr": 0.0, "val": val})
-            run.metrics_size()
-        finally:
-            run.close()
-        run.mark_done()
+        write_untrained_run(run, cfg, labels, model.state_dict(), val, STAGE, 0,
+                            {"tokenizer.json": tokenizer_file.read_text(encoding="utf-8")})
     finally:
         run.unlock()
 
