@@ -102,6 +102,16 @@ def test_importing_the_same_source_twice_gives_the_same_run(tmp_path):
     assert "LR history: unknown (the schedule law fits its area)" in section
 
 
+def test_two_imports_merge_counting_no_compute_of_the_lab(tmp_path):
+    from cptlab.interop.merge import merge_runs
+
+    runs = [pretrained.import_model(save_model(tmp_path / f"m{seed}" / "m", "llama", seed=seed),
+                                    tmp_path / "runs")["run"] for seed in (0, 1)]
+    merged = merge_runs(runs, [0.5, 0.5], tmp_path / "runs" / "merged" / "soup")
+    labels = RunDir(merged["out"]).labels()
+    assert labels["compute_tokens"] == 0 and set(labels["lineage"]) == {f"pretrained/{r.name}" for r in runs}
+
+
 def test_the_hub_id_path_downloads_then_imports(tmp_path, monkeypatch):
     import huggingface_hub
 

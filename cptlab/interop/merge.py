@@ -189,6 +189,8 @@ def lineage(run: RunDir, stage: str) -> dict[str, int]:
     labels = run.labels()
     if labels.get("role") == "merge":
         return {k: int(v) for k, v in labels["lineage"].items()}
+    if labels.get("role") == "pretrained":  # an import: its pretraining was paid for outside the lab
+        return {f"{run.experiment}/{run.run_id}": 0}
     cfg = run.load_config()
     upto = cfg.stages[: [st.name for st in cfg.stages].index(stage) + 1]
     own, counter = _trained(run, {st.name for st in upto})
