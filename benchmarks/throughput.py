@@ -5,16 +5,20 @@
         [--threads N] [--workers N] [--malloc tuned|asis] [--compile]
         [--reference-attention sdpa|manual] [--no-reference] [--device cpu] [--json]
         [--scale small] [--processes N] [--out FILE.json] [--baseline GIT_REF] [--no-peak]
+        [--family gpt-neox|llama [--n-kv-head N] [--intermediate-size N]]
     # the tiny step as the runner trains it (one thread) against main's step, alternated in one process
     .venv/bin/python benchmarks/throughput.py --scale tiny --threads 1 --no-reference --no-peak \
         --baseline main
+    # a Llama-shaped model of the same width
+    .venv/bin/python benchmarks/throughput.py --family llama --no-reference --no-peak
     # on a GPU: one run of a scale, then as many side by side as `cptlab batch` would train (0: its choice)
     .venv/bin/python benchmarks/throughput.py --device cuda --scale small --no-reference --processes 0 \
         --out bench.json
 
 1. Matmul peak: best of large square matmuls, fp32 and bf16 (GFLOP/s), sampled at the start, between
    rounds and at the end; the best sample is kept.
-2. The lab's step, as ``cptlab train`` runs it: ``cptlab.data.sampler.BatchSampler`` over random tokens, the
+2. The lab's step (``--family llama``: a Llama-shaped model of the same width, see ``family_options``),
+   as ``cptlab train`` runs it: ``cptlab.data.sampler.BatchSampler`` over random tokens, the
    LR from ``cptlab.schedules``, then ``cptlab.training.runtime.train_step`` (GPT-NeoX model, loss, backward,
    clip, fused AdamW; on a multi-core CPU the batch split across ``runtime.step_workers`` threads) at
    the chosen precision.
@@ -231,6 +235,17 @@ class Timer:
         return statistics.median(self.times)
 
 
+def family_options(args: argparse.Namespace) -> dict:
+    """The ``ModelConfig`` options of ``--family``: none for gpt-neox (the lab's default block); for llama
+    RMSNorm, SwiGLU of width ``--intermediate-size`` (default 8/3 d, rounded up to a multiple of 8),
+    ``--n-kv-head`` key/value heads (default n_head / 2), no biases, full rotary, sequential residual."""
+    if args.family == "gpt-neox":
+        return {}
+    width = args.intermediate_size or -(-8 * args.d_model // 3 // 8) * 8
+    return dict(norm="rmsnorm", mlp="swiglu", intermediate_size=width, bias="none", rotary_pct=1.0,
+                parallel_residual=False, n_kv_head=args.n_kv_head or max(1, args.n_head // 2))
+
+
 def baseline_modules(ref: str) -> tuple[types.ModuleType, types.ModuleType]:
     """``cptlab/training/model.py`` and ``runtime.py`` as they are at git revision ``ref`` of this
     repository, loaded as modules of their own (``baseline_model``, ``baseline_runtime``)."""
@@ -254,7 +269,8 @@ def lab_step_fn(args: argparse.Namespace, precision: str, device: torch.device, 
     ``gpt`` and ``rt`` are the model class and runtime module to time (``--baseline``: an older one)."""
     torch.manual_seed(0)
     cfg = ModelConfig(preset=None, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
-                      n_ctx=args.seq_len, vocab_size=args.vocab_size)
+                      n_ctx=args.seq_len, vocab_size=args.vocab_size,
+                      **(family_options(args) if gpt is GPT else {}))  # a --baseline model: GPT-NeoX
     model = gpt(cfg).to(device)
     train_cfg = TrainConfig(seq_len=args.seq_len, batch_size=args.batch_size, precision=precision)
     optimizer = rt.make_optimizer(model, train_cfg)
@@ -333,6 +349,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--family", default="gpt-neox", choices=("gpt-neox", "llama"),
+                   help="the lab's GPT-NeoX block, or a Llama-shaped one of the same width (family_options)")
+    p.add_argument("--n-kv-head", type=int, default=None, help="llama: key/value heads (default n_head / 2)")
+    p.add_argument("--intermediate-size", type=int, default=None, help="llama: SwiGLU width (default 8/3 d)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     p.add_argument("--steps", type=int, default=32, help="timed steps of each kind (after 3 warm-up)")
@@ -427,6 +447,7 @@ def main(argv: list[str] | None = None) -> dict:
         "timed_from": timed_from, "timed_until": timed_until, "tokens_timed": tokens * len(lab.times),
         "dims": {k: getattr(args, k) for k in ("n_layer", "n_head", "d_model", "seq_len", "batch_size",
                                                "vocab_size")},
+        "family": args.family, "model_options": family_options(args), "parameters": model.num_params(),
     }
     out["flops_per_s"] = out["tokens_per_s"] * fpt
     out["mfu"] = out["flops_per_s"] / peak[precision]

@@ -1,5 +1,5 @@
-"""Command line: ``cptlab train | batch | report | corpora | eval | export | merge | worker`` (or
-``python -m cptlab``)."""
+"""Command line: ``cptlab train | batch | report | corpora | eval | export | import | merge | worker``
+(or ``python -m cptlab``)."""
 
 from __future__ import annotations
 
@@ -97,10 +97,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    import json
+
     from cptlab.interop.export import export_run
 
     out = export_run(args.run, args.out, stage=args.stage, check=not args.no_check)
-    print(f"exported {args.run} to {out} (transformers GPTNeoXForCausalLM, tokenizer, README.md)")
+    kind = json.loads((out / "config.json").read_text())["architectures"][0]
+    print(f"exported {args.run} to {out} (transformers {kind}, tokenizer, README.md)")
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from cptlab.interop.pretrained import import_model
+
+    result = import_model(args.src, args.out, name=args.name, eval_sets=args.eval or [],
+                          stand_in=args.stand_in, n_ctx=args.n_ctx,
+                          train={"seq_len": args.seq_len} if args.seq_len else None, run_id=args.run_id)
+    done = "already there, not redone" if result["reused"] else "written"
+    print(f"imported {args.src} ({result['family']}, {result['parameters']:,} parameters, logits within "
+          f"{result['logit_diff']:.2g} of transformers') as {result['run']} ({done})")
+    ref = f"{{experiment: pretrained, run: {result['run_id']}, stage: pretrained}}"
+    print(f"continue it with init_from: {ref}")
+    vals = "  ".join(f"{k} {v:.4f}" for k, v in result["val"].items())
+    print(f"val {vals}" if vals else "no --eval corpora: nothing evaluated")
     return 0
 
 
@@ -188,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_model_commands(sub: argparse._SubParsersAction) -> None:
-    """``cptlab eval | export | merge``: a run's model elsewhere, and runs' models averaged."""
+    """``cptlab eval | export | import | merge``: a run's model elsewhere, and runs' models averaged."""
     p = sub.add_parser("eval", help="a run's loss on a text file or a corpus's validation split")
     p.add_argument("run", help="run directory")
     p.add_argument("--text", help="a UTF-8 text file, read as one document")
@@ -204,6 +223,21 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stage", help="the stage whose end checkpoint to export (default: the last)")
     p.add_argument("--no-check", action="store_true", help="skip comparing the two models' logits")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("import", help="a pretrained transformers model (folder or hub id) as a run to "
+                                      "continue")
+    p.add_argument("src", help="a transformers model folder (safetensors, single or sharded) or a hub id")
+    p.add_argument("--out", help="the run store (default: $CPTLAB_RUNS, else ./runs); the run lands in "
+                                 "OUT/pretrained/<name>-<hash>")
+    p.add_argument("--name", help="the run's name (default: the source folder's name)")
+    p.add_argument("--run-id", help="the run's whole id instead of <name>-<hash> (recipes name their base "
+                                    "so)")
+    p.add_argument("--eval", action="append", metavar="CORPUS", help="a corpus to evaluate on (repeatable)")
+    p.add_argument("--stand-in", metavar="CORPUS",
+                   help="the corpus standing in for the pretraining data (default: the first --eval)")
+    p.add_argument("--n-ctx", type=int, help="the context kept (default: the model's, at most 8192)")
+    p.add_argument("--seq-len", type=int, help="the evaluation's sequence length (default: 128)")
+    p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("merge", help="the weighted average of runs' checkpoints, as a run directory")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (one model shape and tokenizer)")

@@ -42,9 +42,22 @@ DEVICES = ("auto", "cpu", "cuda", "mps")  # or cuda:N
 LOGGERS = ("tensorboard", "wandb")
 
 
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+BIASES = ("all", "none", "qkv")  # every Linear and LayerNorm (GPT-NeoX), none (Llama), q/k/v only (Qwen2)
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
 @dataclass
 class ModelConfig:
-    """GPT-NeoX-style decoder shape. ``preset`` fills the shape fields left unset (None)."""
+    """The decoder's shape and options. ``preset`` fills the shape fields left unset (None).
+
+    The defaults are the paper's GPT-NeoX block; the other options serve imported Llama-family and Qwen2
+    models (``cptlab import``): ``norm``, ``mlp`` (``swiglu`` with ``intermediate_size``), ``n_kv_head``
+    (grouped-query attention), ``bias``, ``rotary_pct`` / ``rotary_base`` and Llama 3's ``rope_scaling``
+    (``ROPE_SCALING_KEYS``). A field left at its default is left out of the config hash, so these options
+    do not change the id of any run that does not set them.
+    """
 
     preset: str | None = "tiny"
     n_layer: int | None = None
@@ -58,6 +71,13 @@ class ModelConfig:
     parallel_residual: bool = True
     tie_embeddings: bool = False
     dropout: float = 0.0
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # gelu | swiglu
+    intermediate_size: int | None = None  # the MLP's hidden width; None: mlp_ratio * d_model
+    n_kv_head: int | None = None  # key/value heads (grouped-query attention); None: n_head
+    bias: str = "all"  # all | none | qkv
+    rope_scaling: dict[str, float] | None = None  # Llama 3's: ROPE_SCALING_KEYS; None: plain rotary
 
     def validate(self) -> None:
         """Check the fields, and the shape they make with the preset's (the one the model is built with)."""
@@ -74,6 +94,34 @@ class ModelConfig:
             raise ConfigError(f"model.d_model ({d_model}) must be divisible by model.n_head ({n_head})")
         _check_range("model.rotary_pct", self.rotary_pct, 0.0, 1.0)
         _check_range("model.dropout", self.dropout, 0.0, 1.0)
+        self._validate_options(n_head)
+
+    def _validate_options(self, n_head: int | None) -> None:
+        _check_choice("model.norm", self.norm, NORMS)
+        _check_choice("model.mlp", self.mlp, MLPS)
+        _check_choice("model.bias", self.bias, BIASES)
+        if not self.norm_eps > 0:
+            raise ConfigError(f"model.norm_eps: must be > 0, got {self.norm_eps}")
+        if self.intermediate_size is not None and self.intermediate_size < 1:
+            raise ConfigError(f"model.intermediate_size: must be >= 1 or null, got {self.intermediate_size}")
+        if self.n_kv_head is not None and (self.n_kv_head < 1 or (n_head and n_head % self.n_kv_head)):
+            raise ConfigError(f"model.n_kv_head: must divide model.n_head ({n_head}), got {self.n_kv_head}")
+        if self.rope_scaling is not None:
+            if sorted(self.rope_scaling) != sorted(ROPE_SCALING_KEYS):
+                raise ConfigError("model.rope_scaling: needs exactly the keys "
+                                  f"{', '.join(ROPE_SCALING_KEYS)}, "
+                                  f"got {', '.join(self.rope_scaling) or 'none'}")
+            for key, value in self.rope_scaling.items():
+                if not value > 0:
+                    raise ConfigError(f"model.rope_scaling.{key}: must be > 0, got {value}")
+
+    def mlp_width(self) -> int:
+        """The MLP's hidden width: ``intermediate_size``, else ``mlp_ratio * d_model`` (resolved shapes)."""
+        return self.intermediate_size if self.intermediate_size is not None else self.mlp_ratio * self.d_model
+
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_head``, else ``n_head``."""
+        return self.n_kv_head if self.n_kv_head is not None else self.n_head
 
     def context(self) -> int | None:
         """The longest sequence the model takes: ``n_ctx``, else the preset's (None if neither says)."""

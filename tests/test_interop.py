@@ -19,6 +19,7 @@ from cptlab.config import ModelConfig, RunConfig, TokenizerConfig
 from cptlab.data import load_tokenizer
 from cptlab.data.tokenizer import Tokenizer
 from cptlab.interop import export as X
+from cptlab.interop import families
 from cptlab.interop.evaluate import evaluate_run, load_model
 from cptlab.training.model import GPT
 from cptlab.training.rundir import RunDir
@@ -113,8 +114,8 @@ def test_the_paper_shape_maps_every_tensor():
     cfg = RunConfig(model=ModelConfig(preset="paper-405m")).resolve().model
     with torch.device("meta"):
         ours = GPT(cfg).state_dict()
-        theirs = transformers.GPTNeoXForCausalLM(X.neox_config(cfg, 0)).state_dict()
-    mapped = X.neox_state_dict(ours, cfg)
+        theirs = transformers.GPTNeoXForCausalLM(families.transformers_config(cfg, 0)).state_dict()
+    mapped = families.from_cptlab(ours, cfg)
     assert {k: v.shape for k, v in mapped.items()} == {k: v.shape for k, v in theirs.items()}
 
 
@@ -128,7 +129,7 @@ def test_model_options_export_with_equal_logits(shape):
 
 def test_a_wrong_mapping_is_refused(monkeypatch):
     cfg = RunConfig(model=ModelConfig(preset="smoke")).resolve(vocab_size=300).model
-    unpermuted = X.neox_state_dict
+    unpermuted = families.from_cptlab
 
     def wrong(state, model):  # the fused qkv left in cptlab's order
         out = unpermuted(state, model)
@@ -137,7 +138,7 @@ def test_a_wrong_mapping_is_refused(monkeypatch):
             out[key] = state[f"blocks.{i}.attn.qkv.weight"]
         return out
 
-    monkeypatch.setattr(X, "neox_state_dict", wrong)
+    monkeypatch.setattr(families, "from_cptlab", wrong)
     with pytest.raises(X.ExportError, match=r"model: the transformers model's logits differ from the run's"):
         X.to_transformers(GPT(cfg), eot_id=299)
 

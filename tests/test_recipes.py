@@ -32,7 +32,7 @@ def no_hub(monkeypatch):
 
 def test_committed_files_are_what_the_generator_writes(monkeypatch):
     assert recipes.stale_files(CONFIGS) == []
-    assert len(FILES) == len(recipes.VARIANTS) * 25
+    assert len(FILES) == len(recipes.VARIANTS) * 25 + len(recipes.IMPORTED_VARIANTS) * 12
     monkeypatch.chdir(ROOT)
     assert recipes.main(["check"]) == 0
 
@@ -57,7 +57,9 @@ def test_every_recipe_loads_and_validates_offline(path, no_hub):
             new[name] = new.get(name, 0) + st.tokens * (1 - replay) * weight / total
         if st.replay:
             assert cfg.corpora[st.replay.source]["max_tokens"] >= st.tokens * replay
-        if isinstance(st.init_from, RunRef):  # another recipe of the same variant, to be trained first
+        if isinstance(st.init_from, RunRef) and st.init_from.experiment == "pretrained":  # cptlab import
+            assert path.parent.name in recipes.IMPORTED_VARIANTS
+        elif isinstance(st.init_from, RunRef):  # another recipe of the same variant, to be trained first
             assert st.init_from.experiment == path.parent.name
             assert (path.parent / f"{st.init_from.run}.yaml").exists()
     assert all(cfg.corpora[n]["max_tokens"] >= tokens for n, tokens in new.items())
@@ -86,6 +88,23 @@ def test_405m_recipes_follow_the_paper():
         "hf": "HuggingFaceFW/fineweb-2", "config": "deu_Latn", "split": "train", "text_field": "text",
         "language": "de", "domain": "German web text", "streaming": True, "max_tokens": 202_000_000_000,
         "description": "FineWeb-2, German (deu_Latn): filtered, deduplicated Common Crawl"}
+
+
+def test_pythia_410m_recipes_continue_the_imported_model_with_the_papers_schedule():
+    rs = {r.name: RunConfig.from_dict(r.config) for r in recipes.recipes("pythia-410m")}
+    assert len(rs) == 12 and not any(r.needs for r in recipes.recipes("pythia-410m"))
+    for shift, d1, tokens in (("weak", "slimpajama", 1e9), ("strong", "german", 200e9 / 300)):
+        for percent in (0, 1, 5, 10, 25, 50):
+            cfg = rs[f"{shift}-replay{percent}"]
+            st = cfg.stages[0]
+            assert st.init_from == RunRef("pretrained", "pythia-410m", "pretrained")
+            assert st.tokens == pytest.approx(tokens, abs=1) and st.data == {d1: 1.0} and st.reset_optimizer
+            assert (st.replay.fraction if st.replay else 0.0) == percent / 100
+            s = st.schedule
+            assert (s.kind, s.max_lr, s.min_lr, s.warmup) == ("cosine", 3e-4, 3e-5, 0.01)  # Pythia's own
+            assert cfg.model.preset == "paper-405m" and cfg.train.seq_len == 2048
+    # one H100 trains a weak-shift run in hours at the assumed MFU
+    assert 1 < recipes.days(int(1e9), recipes.PYTHIA_410M, 1) * 24 < 4
 
 
 def test_chunk_schedules_over_three_chunks():

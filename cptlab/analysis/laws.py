@@ -26,6 +26,13 @@ constant LR) and predict the others; the error of the last evaluation and the me
 per held-out run. The law has no term for a change of data: a held-out run trained on other data than the
 fitted ones (``same data`` is False in the table) shows how far off that takes it.
 
+A model imported with ``cptlab import`` brings a past the lab did not train: its history here holds only
+the continual stages. Where its labels record its published schedule (``past``: max / min LR, warmup,
+steps and batch; Pythia's), the forward area of that past (``past_area``, in the continual run's steps) is
+added to S1 (``past`` "published"); where they do not, that area is fitted as a sixth parameter over
+``PAST_AREAS`` (``past`` "fitted"). The past's annealing momentum has long decayed; its constant part of
+S2 is absorbed by L0. The law says which it did (``ScheduleLaw.describe``).
+
 The replay law is ``cptlab.analysis.replay_law``'s.
 """
 
@@ -53,6 +60,7 @@ ALPHAS = tuple(round(0.01 * k, 2) for k in range(1, 301))  # 0.01 .. 3.00
 PLAN_EXPERIMENTS = ("infinite", "replay", "max_lr", "warmup", "d0_rewarm")  # where validation_plan's runs are
 MIN_POINTS = 6  # L0, A, C, alpha, lam: at least one evaluation more than parameters
 MAX_STEPS = 200_000  # longest LR history the law computes (S2 is a loop over steps)
+PAST_AREAS = (0.0, *np.geomspace(10.0, 1e7, 19).tolist())  # S1 of an unknown past, in steps at lr_ref
 
 
 # -- LR histories ------------------------------------------------------------------------------------
@@ -140,6 +148,9 @@ class ScheduleLaw:
     tokens_per_step: int
     n_points: int
     rmse: float
+    s1_past: float = 0.0  # forward area before the history (an imported model's past), in steps at lr_ref
+    past: str = "none"  # none (the lab trained it all) | published | fitted
+
 
     def loss(self, lr: np.ndarray, steps: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """The predicted loss after each of ``steps`` (default: 1 .. len(lr)) of the LR history ``lr``;
@@ -147,6 +158,7 @@ class ScheduleLaw:
         if len(lr) > MAX_STEPS:
             raise ValueError(f"steps: the law takes at most {MAX_STEPS:,} steps, got {len(lr):,}")
         s1, s2 = schedule_areas(lr, self.lam, self.lr_ref)
+        s1 = s1 + self.s1_past
         at = np.arange(1, len(lr) + 1) if steps is None else np.asarray(steps, dtype=int)
         if len(at) and (at.min() < 0 or at.max() > len(lr)):
             raise ValueError(f"steps: must lie in 0 .. {len(lr)} (the history's length)")
@@ -166,8 +178,11 @@ class ScheduleLaw:
 
     def describe(self) -> str:
         """The formula, the loss it predicts and the runs it was fitted on."""
+        past = {"none": "", "published": f"; the imported model's past from its published schedule "
+                                         f"(S1 + {self.s1_past:.4g})",
+                "fitted": f"; the imported model's past fitted (S1 + {self.s1_past:.4g})"}[self.past]
         return (f"{self.formula()}; {self.loss_set} loss, fitted on {', '.join(self.runs)} "
-                f"({self.n_points} evaluations, rmse {self.rmse:.4f})")
+                f"({self.n_points} evaluations, rmse {self.rmse:.4f}){past}")
 
 
 @dataclass
@@ -183,6 +198,7 @@ class Curve:
     start: int  # steps of the history before the run's own stages (of the run it continues)
     tokens_per_step: int
     data: tuple[str, ...]  # corpora of its last stage, replay included
+    past_area: float | None = 0.0  # LR x steps before the history (an imported past); None: unknown
 
     @property
     def tokens(self) -> np.ndarray:
@@ -207,7 +223,25 @@ def run_curve(run: E.Run, frame: pd.DataFrame, loss_set: str, store: RunStore | 
     data = tuple(last.sources()) if replays else tuple(last.data)
     t = run.config.train
     return Curve(name, loss_set, rows["step"].to_numpy(dtype=int), rows[f"val_{loss_set}"].to_numpy(float),
-                 lr, start, t.batch_size * t.seq_len, data)
+                 lr, start, t.batch_size * t.seq_len, data, past_area(run, store))
+
+
+def past_area(run: E.Run, store: RunStore | None) -> float | None:
+    """The forward area (sum of LRs, in ``run``'s steps) of the past of the imported model ``run`` starts
+    from: 0 when the run does not start from an import, None when the import's schedule is unknown."""
+    start = run.config.stages[0].init_from
+    found = store.run(start.experiment, start.run) if isinstance(start, RunRef) and store else None
+    labels = found.labels() if found is not None else {}
+    if labels.get("role") != "pretrained":
+        return 0.0
+    past = labels.get("past")
+    if not past:
+        return None
+    spec = sched.ScheduleConfig(kind=past["schedule"], max_lr=past["max_lr"], min_lr=past["min_lr"],
+                                warmup=past["warmup"]).to_spec()
+    t = run.config.train
+    steps_per_past_step = past["batch_size"] * past["seq_len"] / (t.batch_size * t.seq_len)
+    return float(np.sum(sched.lr_values([(spec, past["steps"])]))) * steps_per_past_step
 
 
 def _rows_of(frame: pd.DataFrame, run: E.Run) -> pd.DataFrame:
@@ -236,6 +270,11 @@ def fit_schedule_law(curves: Sequence[Curve]) -> ScheduleLaw:
         raise ValueError(f"loss_set: the curves fitted must share one eval set, got {', '.join(sets)}")
     lr_ref = max(float(c.lr.max()) for c in curves)
     y = np.concatenate([c.loss for c in curves])
+    pasts = {c.past_area for c in curves}
+    if len(pasts) > 1:
+        raise ValueError("runs: the curves fitted must share one past (the same base model)")
+    known = pasts.pop()
+    offsets = PAST_AREAS if known is None else (known / lr_ref,)
     best = None
     for lam in LAMBDAS:
         areas = [schedule_areas(c.lr, lam, lr_ref) for c in curves]
@@ -243,13 +282,15 @@ def fit_schedule_law(curves: Sequence[Curve]) -> ScheduleLaw:
         s2 = np.concatenate([a[1][c.steps] for a, c in zip(areas, curves)])
         if not (s1 > 0).all():
             raise ValueError("runs: an evaluation was taken before any LR was applied (S1 = 0)")
-        sse, alpha, coef = _best_alpha(s1, s2, y)
-        if best is None or sse < best[0]:
-            best = (sse, lam, alpha, coef)
-    sse, lam, alpha, (L0, A, C) = best
+        for offset in offsets:
+            sse, alpha, coef = _best_alpha(s1 + offset, s2, y)
+            if best is None or sse < best[0]:
+                best = (sse, lam, alpha, coef, offset)
+    sse, lam, alpha, (L0, A, C), offset = best
     runs = tuple(c.run for c in curves)
+    past = "fitted" if known is None else ("published" if known else "none")
     return ScheduleLaw(float(L0), float(A), alpha, float(C), lam, lr_ref, sets[0], runs,
-                       curves[0].tokens_per_step, points, math.sqrt(sse / points))
+                       curves[0].tokens_per_step, points, math.sqrt(sse / points), float(offset), past)
 
 
 def _best_alpha(s1: np.ndarray, s2: np.ndarray, y: np.ndarray) -> tuple[float, float, np.ndarray]:

@@ -117,6 +117,7 @@ def render_report(res: T.Results, out_dir: str | Path, scale: str = "", root: st
     lines += _sequence_section(res, figures, out_dir)
     lines += _predictions_section(res, figures, out_dir)
     lines += _modern_section(res, figures, out_dir, root)
+    lines += imported_section(root) if root else []
     lines += _figures_section(figures, out_dir)
     return "\n".join(lines) + "\n"
 
@@ -257,6 +258,29 @@ def _replay_law_lines(finals: pd.DataFrame) -> list[str]:
         lines += [f"Each replay fraction left out of the fit, {shift} shift (`inside`: interpolated):", "",
                   md_table(R.replay_loo(finals, shift)), ""]
     return lines
+
+
+def imported_section(root: str | Path) -> list[str]:
+    """The models imported into the store (``cptlab import``) and the runs that continue them, each saying
+    which corpus stands in for its pretraining data."""
+    store = RunStore(root)
+    imports = [r for r in store.runs("pretrained") if r.labels().get("role") == "pretrained"]
+    if not imports:
+        return []
+    lines = ["### Imported models", ""]
+    for run in imports:
+        labels = run.labels()
+        ref = f"pretrained/{run.run_id}"
+        continued = sorted(f"{r.experiment}/{r.name}" for r in store.runs() if r.labels().get("base") == ref)
+        past = labels.get("past")
+        history = (f"its published schedule ({past['source']})" if past
+                   else "unknown (the schedule law fits its area)")
+        lines.append(f"- `{run.run_id}` ({labels.get('class')}, {labels.get('parameters', 0):,} parameters, "
+                     f"from {labels.get('source')}): its pretraining data are not in the lab; "
+                     f"`{labels.get('d0')}` **stands in** for them (replay draws from it, forgetting is "
+                     f"measured on it). LR history: {history}. Continued by: "
+                     f"{', '.join(continued) or 'no run yet'}.")
+    return lines + [""]
 
 
 def _figures_section(figures: list[Path], out_dir: Path) -> list[str]:

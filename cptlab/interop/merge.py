@@ -42,6 +42,7 @@ import torch
 
 from cptlab import data
 from cptlab.config import ConfigError, ModelConfig, RunConfig, RunRef, Stage
+from cptlab.files import atomic_write_text
 from cptlab.interop.evaluate import find_checkpoint, run_tokenizer
 from cptlab.schedules import ScheduleConfig
 from cptlab.training import runtime
@@ -188,6 +189,8 @@ def lineage(run: RunDir, stage: str) -> dict[str, int]:
     labels = run.labels()
     if labels.get("role") == "merge":
         return {k: int(v) for k, v in labels["lineage"].items()}
+    if labels.get("role") == "pretrained":  # an import: its pretraining was paid for outside the lab
+        return {f"{run.experiment}/{run.run_id}": 0}
     cfg = run.load_config()
     upto = cfg.stages[: [st.name for st in cfg.stages].index(stage) + 1]
     own, counter = _trained(run, {st.name for st in upto})
@@ -290,7 +293,8 @@ def merge_runs(runs: Sequence[RunArg], weights: Sequence[float], out: str | Path
         state = average_states([load_checkpoint(src.checkpoint)["model"] for src in found], weights)
         model = _model(cfg)
         model.load_state_dict(state)
-        _write(out_dir, cfg, labels, state, evaluate_model(model, cfg, sets))
+        write_untrained_run(out_dir, cfg, labels, state, evaluate_model(model, cfg, sets), MERGE_STAGE,
+                            labels["compute_tokens"])
     finally:
         out_dir.unlock()
     return _result(out_dir, labels, reused=False)
@@ -312,18 +316,22 @@ def _check_out(out_dir: RunDir, labels: dict[str, Any]) -> bool:
     return out_dir.done
 
 
-def _write(out_dir: RunDir, cfg: RunConfig, labels: dict[str, Any], state: State,
-           val: dict[str, float]) -> None:
-    """Labels, config, checkpoint, the evaluation line, then DONE: each file atomic, DONE last."""
-    tokens = labels["compute_tokens"]
+def write_untrained_run(out_dir: RunDir, cfg: RunConfig, labels: dict[str, Any], state: State,
+                        val: dict[str, float], stage: str, tokens: int, files: dict[str, str] | None = None
+                        ) -> None:
+    """A run directory whose one ``stage`` trains nothing (a merge, an import): labels, config, ``files``
+    (name -> text, beside config.json), the stage's checkpoint of ``state``, one evaluation line at
+    ``tokens``, then DONE: each file atomic, DONE last. The caller holds the directory's lock."""
     out_dir.write_labels(labels)
     out_dir.claim(cfg)
+    for name, text in (files or {}).items():
+        atomic_write_text(out_dir.path / name, text)
     progress = {"step": 0, "tokens": tokens, "sequences_done": {}}
     out_dir.save_stage_checkpoint({"model": state, "progress": progress, "config_hash": cfg.hash()},
-                                  MERGE_STAGE, 0)
+                                  stage, 0)
     out_dir.open_metrics(0)
     try:
-        out_dir.log({"step": 0, "tokens": tokens, "stage": MERGE_STAGE, "lr": 0.0, "val": val})
+        out_dir.log({"step": 0, "tokens": tokens, "stage": stage, "lr": 0.0, "val": val})
         out_dir.metrics_size()  # flushed and synced before DONE says it is there
     finally:
         out_dir.close()

@@ -96,6 +96,22 @@ def continual_run(experiment: str, name: str, shift: str, scale: str | Scale = "
     return Run(experiment, name, cfg, run_labels, [base])
 
 
+def continue_imported(run: Run, settings: dict[str, Any]) -> Run:
+    """Continual ``run`` started from an imported model (``cptlab import``) instead of the scale's base:
+    ``settings`` holds the import's ``model`` and ``tokenizer`` sections and its ``init_from`` reference
+    (``interop.pretrained.base_settings``). Its D0 corpus stands in for the model's pretraining data
+    (label ``d0_stand_in``); the lab trained none of the model's tokens (``switch_tokens`` 0)."""
+    data = run.config.to_dict()
+    data["model"], data["tokenizer"] = settings["model"], settings["tokenizer"]
+    data["stages"][0]["init_from"] = settings["init_from"]
+    ref = settings["init_from"]
+    tokens = sum(st["tokens"] for st in data["stages"])
+    labels = {**run.labels, "base": f"{ref['experiment']}/{ref['run']}", "d0_stand_in": True,
+              "switch_tokens": 0, "compute_tokens": tokens}
+    return Run(run.experiment, f"{run.name}-from-{ref['run'].rsplit('-', 1)[0]}", RunConfig.from_dict(data),
+               labels, [])
+
+
 def union_run(shift: str, scale: str | Scale = "tiny", seed: int = 0, device: str = "auto",
               tokens: int | None = None) -> Run:
     """From scratch on D0 ∪ D1 with one warmup + cosine, mixing the two in proportion to B0 and B1."""

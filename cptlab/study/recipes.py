@@ -80,6 +80,8 @@ class Variant:
     mfu: float  # ASSUMED model FLOPs utilisation for the time estimates (not measured here)
     gpus: int = 8  # the GPUs of the example command in each file's header
     vocab_size: int = 50304  # the GPT-NeoX tokenizer's 50277, padded to a multiple of 64 (as the paper)
+    start: tuple[str, str, str] | None = None  # an imported base (experiment, run, stage); None: pile-base
+    tokenizer: str = TOKENIZER_PATH
 
     def tokens(self, key: str) -> int:
         return int(round(paper.TOKENS_405M[key] * self.token_scale))
@@ -96,6 +98,23 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             model="small", seq_len=1024, batch_size=256, micro_batch_size=32, max_lr=1e-3, min_lr=1e-4,
             token_scale=0.01, eval_tokens=2**20, checkpoint_every_tokens=250_000_000, mfu=0.25, gpus=1),
 )}
+
+# Continual runs from a pretrained model imported with `cptlab import` instead of the lab's own pile-base.
+# Pythia-410M is the paper's 405M shape (the ``paper-405m`` preset) pretrained on the Pile for 300B tokens
+# (EleutherAI/pythia, models/410M/pythia-410m.yml: max LR 3e-4, cosine to 3e-5, warmup 1%), so its recipes
+# re-warm to the paper's (and Pythia's own) max LR 3e-4 and re-decay to 3e-5, on D1 budgets 1/300 of the
+# paper's (1B weak, 0.67B strong): one H100 trains a weak-shift run in about 2 h at the assumed 40% MFU.
+# There is no cheap stand-in for the union baseline here (it retrains 300B tokens from scratch); the 50%
+# replay run is the closest. Import first (the recipes name the run id): `cptlab import
+# EleutherAI/pythia-410m --out runs/paper --run-id pythia-410m --eval pile`.
+PYTHIA_410M = Variant(
+    "pythia-410m",
+    "EleutherAI/pythia-410m imported, continued on 1/300 of the paper's D1 tokens (1B / 0.67B)",
+    model="paper-405m", seq_len=2048, batch_size=256, micro_batch_size=8, max_lr=3e-4, min_lr=3e-5,
+    token_scale=1 / 300, eval_tokens=2**20, checkpoint_every_tokens=100_000_000, mfu=0.40, gpus=1,
+    start=("pretrained", "pythia-410m", "pretrained"),
+    tokenizer="runs/paper/pretrained/pythia-410m/tokenizer.json")
+IMPORTED_VARIANTS: dict[str, Variant] = {PYTHIA_410M.name: PYTHIA_410M}
 
 
 @dataclass
@@ -135,7 +154,7 @@ def _config(v: Variant, stages: list[dict[str, Any]], eval_sets: list[str]) -> d
         model["vocab_size"] = v.vocab_size
     return {
         "model": model,
-        "tokenizer": {"kind": "file", "path": TOKENIZER_PATH},
+        "tokenizer": {"kind": "file", "path": v.tokenizer},
         "train": {"seq_len": v.seq_len, "batch_size": v.batch_size, "micro_batch_size": v.micro_batch_size,
                   "seed": 0, "device": "auto", "precision": "bf16", "strategy": "ddp",
                   "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "grad_clip": 1.0,
@@ -162,12 +181,13 @@ def base(v: Variant) -> Recipe:
 def continual(v: Variant, shift: str, replay: float) -> Recipe:
     """From the base model on D1 with re-warming, re-decaying and compute-equivalent replay of D0."""
     d1 = SHIFTS[shift]
+    start = vars(RunRef(*v.start)) if v.start else _start_from(v, "pile-base", "pretrain")
     stage: dict[str, Any] = {"name": "continue", "data": {d1: 1.0}, "tokens": v.tokens(shift),
-                             "schedule": _cosine(v), "reset_optimizer": True,
-                             "init_from": _start_from(v, "pile-base", "pretrain")}
+                             "schedule": _cosine(v), "reset_optimizer": True, "init_from": start}
     if replay > 0:
         stage["replay"] = {"source": D0, "fraction": replay, "order": "original"}
-    return Recipe(f"{shift}-replay{round(replay * 100)}", _config(v, [stage], [D0, d1]), ["pile-base"])
+    needs = [] if v.start else ["pile-base"]
+    return Recipe(f"{shift}-replay{round(replay * 100)}", _config(v, [stage], [D0, d1]), needs)
 
 
 def union(v: Variant, shift: str) -> Recipe:
@@ -219,7 +239,9 @@ def chunks(v: Variant, kind: str) -> list[Recipe]:
 
 def recipes(variant: str | Variant) -> list[Recipe]:
     """Every recipe of a variant, runs that others start from before them."""
-    v = variant if isinstance(variant, Variant) else VARIANTS[variant]
+    v = variant if isinstance(variant, Variant) else {**VARIANTS, **IMPORTED_VARIANTS}[variant]
+    if v.start:  # continual runs of an imported model: no base, union or chunk runs
+        return [continual(v, shift, f) for shift in SHIFTS for f in REPLAY_FRACTIONS]
     out = [base(v)]
     for shift in SHIFTS:
         out += [continual(v, shift, f) for f in REPLAY_FRACTIONS] + [union(v, shift)]
@@ -241,6 +263,11 @@ def render(recipe: Recipe, v: Variant) -> str:
              f"# {v.name}: {v.description}.",
              f"# Run from the repository root (the paths below are relative to it), e.g. on {v.gpus} GPU"
              f"{'s' * (v.gpus > 1)}:", f"#   {launch} {path} --out {out}"]
+    if v.start:
+        lines.append(f"# Starts from the imported model {'/'.join(v.start[:2])} of the run store {RUN_ROOT}; "
+                     "import it first:")
+        lines.append(f"#   python -m cptlab import EleutherAI/{v.start[1]} --out {RUN_ROOT} "
+                     f"--run-id {v.start[1]}")
     if recipe.needs:
         lines.append("# Starts from the checkpoint of " + ", ".join(
             str(store.run_path(Path(RUN_ROOT), v.name, n)) for n in recipe.needs) + " (train it first).")
@@ -265,13 +292,18 @@ class _Dumper(yaml.SafeDumper):
 
 def expected_files(root: Path = CONFIG_ROOT) -> dict[Path, str]:
     """Every recipe file of every variant: path -> content."""
-    return {root / v.name / f"{r.name}.yaml": render(r, v) for v in VARIANTS.values() for r in recipes(v)}
+    return {root / v.name / f"{r.name}.yaml": render(r, v) for v in all_variants() for r in recipes(v)}
+
+
+def all_variants() -> list[Variant]:
+    """The variants trained from scratch, then those continuing an imported model."""
+    return [*VARIANTS.values(), *IMPORTED_VARIANTS.values()]
 
 
 def write(root: Path = CONFIG_ROOT) -> list[Path]:
     """Write every recipe file (and remove stale YAML files from the variants' folders)."""
     files = expected_files(root)
-    for v in VARIANTS.values():
+    for v in all_variants():
         for stale in (root / v.name).glob("*.yaml"):
             if stale not in files:
                 stale.unlink()
@@ -286,7 +318,7 @@ def stale_files(root: Path = CONFIG_ROOT) -> list[str]:
     """Files that differ from what ``write`` would write (missing, changed or extra); [] when up to date."""
     files = expected_files(root)
     bad = [str(p) for p, text in files.items() if not p.exists() or p.read_text() != text]
-    for v in VARIANTS.values():
+    for v in all_variants():
         bad += [str(p) for p in (root / v.name).glob("*.yaml") if p not in files]
     return sorted(bad)
 

@@ -11,11 +11,20 @@
   batched matmuls (``_BlockedCausalAttention``), about 2x faster there than the CPU flash kernel
 - no dropout unless ``dropout > 0``
 
+Options for imported Llama-family and Qwen2 models (``ModelConfig``; each a separate branch, the defaults
+above take the code paths they always took): RMSNorm (``norm``), a SwiGLU MLP ``proj(silu(gate) * up)``
+of width ``intermediate_size`` (``mlp``; gate and up fused in ``fc``, gate first), grouped-query attention
+(``n_kv_head``: the fused projection holds all queries, then the ``n_kv_head`` keys, then the values, each
+key/value head serving ``n_head / n_kv_head`` consecutive query heads), biases on every Linear and norm,
+on none, or on the query/key/value projection only (``bias``), and Llama 3's rotary frequency scaling
+(``rope_scaling``).
+
 Parameter count and training FLOPs per token (``GPT.count_params``, ``GPT.count_flops_per_token``: from
 the config, without building the model; every other part of the lab calls these), with V the vocab, d the
 width, L the layers, r the MLP ratio:
     per block: attention 4d^2 + 4d, MLP 2r d^2 + (r + 1) d, two LayerNorms 4d
     total: L * per block + 2d (final LayerNorm) + V d (input) + V d (output, unless tied)
+(the other options change the terms as their shapes do: see ``count_params``).
 For ``paper-405m`` (L 24, d 1024, V 50304, r 4, untied) this is 405,334,016 parameters.
 """
 
@@ -47,11 +56,36 @@ def rotary_dims(cfg: ModelConfig) -> int:
     return int(head_dim * cfg.rotary_pct) // 2 * 2
 
 
-def rotary_tables(dims: int, n_ctx: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles pos / base^(2i/dims), each of shape (n_ctx, dims // 2)."""
+def rotary_tables(dims: int, n_ctx: int, base: float, scaling: dict[str, float] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles pos / base^(2i/dims), each of shape (n_ctx, dims // 2); with
+    ``scaling``, the frequencies scaled as Llama 3's are (``llama3_frequencies``)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, dims, 2, dtype=torch.float32) / max(dims, 1)))
+    if scaling is not None:
+        inv_freq = llama3_frequencies(inv_freq, scaling)
     angles = torch.outer(torch.arange(n_ctx, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, scaling: dict[str, float]) -> torch.Tensor:
+    """Llama 3's rotary scaling: wavelengths longer than ``original_max_position_embeddings /
+    low_freq_factor`` are slowed by ``factor``, those shorter than ``... / high_freq_factor`` kept, and
+    those between interpolated smoothly between the two."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_ctx = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old_ctx / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+    mixed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return torch.where(wavelen > old_ctx / low, inv_freq / factor,
+                       torch.where(wavelen < old_ctx / high, inv_freq, mixed))
+
+
+def _rotate_plain(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NeoX "rotate half" of the first 2 * cos.size(-1) channels of (B, H, T, hd) ``x`` (autograd's
+    backward; the grouped-query path's)."""
+    h = cos.size(-1)
+    x1, x2, rest = x[..., :h], x[..., h:2 * h], x[..., 2 * h:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
 def _rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> None:
@@ -191,22 +225,27 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 class Attention(nn.Module):
-    """Causal self-attention with rotary embedding on the first ``rotary_dims`` of each head."""
+    """Causal self-attention with rotary embedding on the first ``rotary_dims`` of each head; grouped-query
+    when ``n_kv_head < n_head``."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.n_head = cfg.n_head
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.kv_heads()
+        head_dim = cfg.d_model // cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, (self.n_head + 2 * self.n_kv_head) * head_dim,
+                             bias=cfg.bias in ("all", "qkv"))
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias == "all")
         self.proj.residual = True  # scaled init
         self.dropout = cfg.dropout
-        cos, sin = rotary_tables(rotary_dims(cfg), cfg.n_ctx, cfg.rotary_base)
+        cos, sin = rotary_tables(rotary_dims(cfg), cfg.n_ctx, cfg.rotary_base, cfg.rope_scaling)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         qkv = self.qkv(x)
+        if self.n_kv_head != self.n_head:
+            return self._forward_grouped(qkv)
         half = self.cos.size(-1)
         cos = self.cos[:t].to(qkv.dtype).view(t, 1, 1, half)  # broadcast over (B, T, 2, H, dims/2)
         sin = self.sin[:t].to(qkv.dtype).view(t, 1, 1, half)
@@ -217,25 +256,55 @@ class Attention(nn.Module):
         y = causal_attention(q, k, v, self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
+    def _forward_grouped(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Grouped-query attention: each key/value head repeated for its ``n_head / n_kv_head`` queries."""
+        b, t, _ = qkv.shape
+        hd = qkv.size(-1) // (self.n_head + 2 * self.n_kv_head)
+        q, k, v = qkv.view(b, t, -1, hd).transpose(1, 2).split(
+            [self.n_head, self.n_kv_head, self.n_kv_head], dim=1)
+        half = self.cos.size(-1)
+        if half:
+            cos, sin = self.cos[:t].to(qkv.dtype), self.sin[:t].to(qkv.dtype)  # (T, dims/2)
+            q, k = _rotate_plain(q, cos, sin), _rotate_plain(k, cos, sin)
+        rep = self.n_head // self.n_kv_head
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = causal_attention(q.contiguous(), k.contiguous(), v.contiguous(),
+                             self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(b, t, self.n_head * hd))
+
 
 class MLP(nn.Module):
+    """GELU (``proj(gelu(fc(x)))``) or SwiGLU (``proj(silu(gate) * up)``, ``fc`` = [gate; up])."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model)
-        self.proj = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model)
+        width, bias = cfg.mlp_width(), cfg.bias == "all"
+        self.swiglu = cfg.mlp == "swiglu"
+        self.fc = nn.Linear(cfg.d_model, 2 * width if self.swiglu else width, bias=bias)
+        self.proj = nn.Linear(width, cfg.d_model, bias=bias)
         self.proj.residual = True  # scaled init
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            gate, up = self.fc(x).chunk(2, dim=-1)
+            return self.proj(F.silu(gate) * up)
         return self.proj(F.gelu(self.fc(x)))
+
+
+def norm_layer(cfg: ModelConfig) -> nn.Module:
+    """LayerNorm (with a bias unless ``bias`` is not ``all``) or RMSNorm, of ``norm_eps``."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias == "all")
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.parallel = cfg.parallel_residual
-        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.ln1 = norm_layer(cfg)
         self.attn = Attention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ln2 = norm_layer(cfg)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
@@ -299,7 +368,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
-        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.ln_f = norm_layer(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
@@ -367,9 +436,15 @@ class GPT(nn.Module):
     def count_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
         """The parameter count of ``GPT(cfg)`` by formula (see the module docstring)."""
         cfg = _resolved(cfg)
-        d, r, v = cfg.d_model, cfg.mlp_ratio, cfg.vocab_size
-        per_block = (4 * d * d + 4 * d) + (2 * r * d * d + (r + 1) * d) + 4 * d
-        n = cfg.n_layer * per_block + 2 * d
+        d, w, v = cfg.d_model, cfg.mlp_width(), cfg.vocab_size
+        qkv = (cfg.n_head + 2 * cfg.kv_heads()) * (d // cfg.n_head)
+        full_bias = cfg.bias == "all"
+        attention = d * qkv + d * d + (qkv if cfg.bias != "none" else 0) + (d if full_bias else 0)
+        fc = 2 * w if cfg.mlp == "swiglu" else w
+        mlp = d * fc + w * d + ((fc + d) if full_bias else 0)
+        norm = d * (2 if cfg.norm == "layernorm" and full_bias else 1)
+        per_block = attention + mlp + 2 * norm
+        n = cfg.n_layer * per_block + norm
         if not non_embedding:
             n += v * d * (1 if cfg.tie_embeddings else 2)
         return n

@@ -209,10 +209,10 @@ class ResultsBrowser:
             for d0, d1 in pairs:
                 if role == "union" and rows.iloc[0].get("d1") != d1:
                     continue
-                what = "base model" if role == "base" else "union baseline"
+                base = role in BASE_ROLES
+                what = "base model" if base else "union baseline"
                 label = _unique(what if len(pairs) == 1 else f"{what} ({d1})", run_id, labels)
-                draw(rows, label, d0, d1, color="black" if role == "base" else "0.5",
-                     ls="--" if role == "base" else ":", lw=1.2)
+                draw(rows, label, d0, d1, color="black" if base else "0.5", ls="--" if base else ":", lw=1.2)
         d0s = sorted({d0 for d0, _ in pairs}) or [paper.D0]
         d1s = sorted({d1 for _, d1 in pairs if d1})
         titles = (f"D0 ({', '.join(d0s)})", f"D1 ({', '.join(d1s) or '-'})", "average of D0 and D1")
@@ -246,6 +246,10 @@ def _config(run: RunDir) -> RunConfig | None:
 def _model_preset(run: RunDir) -> str | None:
     cfg = _config(run)
     return cfg.model.preset if cfg is not None else None
+
+
+# Roles of the models continual runs start from: the lab's own base models and imported ones (cptlab import).
+BASE_ROLES = ("base", "pretrained")
 
 
 def _base_of(run: RunDir) -> str | None:
@@ -295,14 +299,14 @@ def _final_table(df: pd.DataFrame, d1s: list[str]) -> pd.DataFrame:
         return pd.DataFrame()
     finals = M.add_forgetting(M.final_losses(df))
     if len(d1s) == 1 and "role" in finals.columns and f"val_{d1s[0]}" in finals.columns:
-        base = finals["role"] == "base"
+        base = finals["role"].isin(BASE_ROLES)
         finals.loc[base, "D1"] = finals.loc[base, f"val_{d1s[0]}"]
         finals.loc[base, "avg"] = (finals.loc[base, "D0"] + finals.loc[base, "D1"]) / 2
     columns = [c for c in ("name", "experiment", "role", "shift", "replay", "schedule", "max_lr", "tokens",
                            "D0", "D1", "avg", "forgetting", "n_evals") if c in finals.columns]
     if "replay" in finals.columns:
         finals["replay"] = finals["replay"].map(lambda r: "" if pd.isna(r) else M.replay_label(float(r)))
-    order = {"continual": 0, "union": 1, "base": 2}
+    order = {"continual": 0, "union": 1, "base": 2, "pretrained": 2}
     if "role" in finals.columns:
         finals = finals.sort_values("role", key=lambda s: s.map(order).fillna(0), kind="stable")
     return finals[columns].reset_index(drop=True)

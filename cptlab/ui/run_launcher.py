@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from cptlab.analysis import cpt_law, laws
+from cptlab.interop import pretrained
 from cptlab.study import experiments as E
 from cptlab.study import paper, runner
 from cptlab.study.scales import SCALES, get_scale
@@ -48,6 +49,13 @@ def _append(records: list[Record], record: Record) -> None:
     while records and (records[-1]["step"], "val" in records[-1]) >= key:
         records.pop()
     records.append(record)
+
+
+def imported_bases(store: RunStore) -> list[tuple[str, str]]:
+    """(label, run directory) of the scale's own base ("") and of every finished import in ``store``."""
+    found = [run for run in store.runs(pretrained.EXPERIMENT)
+             if run.done and run.labels().get("role") == "pretrained"]
+    return [("the scale's base model", "")] + [(f"{run.run_id} (imported)", str(run.path)) for run in found]
 
 
 def _stored_twin(run: E.Run, store: RunStore) -> E.Run:
@@ -103,6 +111,8 @@ class RunLauncher:
                                     readout_format=".0f", style=style)
         self.scale = W.Dropdown(options=tuple(SCALES), value=scale, description="scale", style=style)
         self.device = W.Dropdown(options=DEVICES, value=device, description="device", style=style)
+        self.base = W.Dropdown(options=imported_bases(self.store), value="", description="base",
+                               style=style)
         self.schedule = ScheduleExplorer(kind="cosine", compare=(), n_stages=1)
         self.schedule.tokens_per_stage.min = 3  # a smoke stage is a few thousand tokens
         self.schedule.figsize = (7.0, 3.6)
@@ -144,7 +154,8 @@ class RunLauncher:
         self.suggest_button.on_click(lambda _: self.suggest())
         self.scale.observe(lambda _: self._apply_scale(), names="value")
         ex = self.schedule
-        for control in (self.shift, self.replay, self.device, ex.kind, ex.max_lr, ex.min_lr, ex.warmup,
+        for control in (self.shift, self.replay, self.device, self.base, ex.kind, ex.max_lr, ex.min_lr,
+                        ex.warmup,
                         ex.const_lr, ex.cooldown, ex.anneal, ex.alpha, ex.decay, ex.decay_shape):
             control.observe(lambda _: self._changed(), names="value")
         self.widget = self._layout()
@@ -154,7 +165,7 @@ class RunLauncher:
         ex, column = self.schedule, common.column
         return W.VBox([
             W.HBox([
-                column("run", self.shift, self.replay, self.scale, self.device),
+                column("run", self.shift, self.replay, self.scale, self.device, self.base),
                 column("schedule", ex.kind, ex.max_lr, ex.min_lr, ex.warmup),
                 column("infinite_cosine, infinite_inv_sqrt", ex.const_lr, ex.cooldown, ex.anneal, ex.alpha),
                 column("wsd", ex.decay, ex.decay_shape),
@@ -187,6 +198,8 @@ class RunLauncher:
         name = f"{self.shift.value}-replay{fraction:g}-{spec['kind']}"
         run = E.continual_run("launcher", name, self.shift.value, self.scale.value, replay=fraction,
                               schedule=spec, device=self.device.value)
+        if self.base.value:  # an imported model instead of the scale's base
+            run = E.continue_imported(run, pretrained.base_settings(self.base.value))
         run.config.validate()
         return _stored_twin(run, self.store)
 
@@ -215,8 +228,7 @@ class RunLauncher:
         self.error, self.result, self.current = None, None, run
         self._predict(run)
         self.records = RunDir(runner.run_dir(run, self.store)).read_metrics()
-        base = run.needs[0] if run.needs else None
-        self.base_records = RunDir(runner.run_dir(base, self.store)).read_metrics() if base else []
+        self.base_records = self._base_records(run)
         if runner.is_done(run, self.store):
             self._progress(self.records, run)
             self._redraw()
@@ -228,6 +240,13 @@ class RunLauncher:
         self.train_button.disabled, self.stop_button.disabled = True, False
         self.thread = threading.Thread(target=self._work, args=(run,), name="cptlab-launcher", daemon=True)
         self.thread.start()
+
+    def _base_records(self, run: E.Run) -> list[Record]:
+        """The metrics of the model ``run`` starts from: the scale's base run or the imported model."""
+        if self.base.value:
+            return RunDir(self.base.value).read_metrics()
+        base = run.needs[0] if run.needs else None
+        return RunDir(runner.run_dir(base, self.store)).read_metrics() if base else []
 
     def stop(self) -> None:
         """What "Stop" does: the training stops at its next step and writes a checkpoint."""
