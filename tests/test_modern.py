@@ -115,9 +115,11 @@ def test_chunk_and_microanneal_questions():
                           index=["cosine to 10%", "D2Z", "WSD (branch)", "WSD-S"])
     d2z, wsd_s = A.chunk_questions(chunks)
     assert d2z.answer is True and wsd_s.answer is False  # WSD-S wins chunk 2, loses chunk 3
-    micro = pd.DataFrame({"microanneal gain": [0.1, 0.3], "full run gain": [0.2, 0.5]}, index=["a", "b"])
-    for col in ("microanneal gain", "full run gain"):
-        micro[col.replace("gain", "rank")] = micro[col].rank(ascending=False)
+    micro = A.with_ranks(pd.DataFrame({"microanneal gain": [0.1, 0.3], "full run gain": [0.2, 0.5]},
+                                      index=["a", "b"]))
     assert A.microanneal_question(micro).answer is True
     micro["full run rank"] = [1, 2]
     assert A.microanneal_question(micro).answer is False
+    tied = A.with_ranks(pd.DataFrame({"microanneal gain": [0.0, 0.0], "full run gain": [0.2, 0.5]},
+                                     index=["a", "b"]))  # a microanneal that did not move the model
+    assert list(tied["microanneal rank"]) == [1, 1] and A.microanneal_question(tied).answer is False

@@ -177,8 +177,14 @@ def microanneal_table(res: T.Results) -> pd.DataFrame:
         rows[d1] = {"microanneal gain": before - micro["avg"], "full run gain": before - full["avg"]}
     table = pd.DataFrame.from_dict(rows, orient="index", columns=["microanneal gain", "full run gain"])
     table.index.name = "candidate"
+    return with_ranks(table)
+
+
+def with_ranks(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with a rank column beside each gain column (1: the largest gain); tied gains share the
+    better rank, so a microanneal too short to move the model ranks no candidate above another."""
     for col in ("microanneal gain", "full run gain"):
-        table[col.replace("gain", "rank")] = table[col].rank(ascending=False).astype("Int64")
+        table[col.replace("gain", "rank")] = table[col].rank(ascending=False, method="min").astype("Int64")
     return table
 
 
