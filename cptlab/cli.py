@@ -78,7 +78,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
     params = {name: value for name, value in (args.param or [])}
     return run_batch(args.notebooks, scale=args.scale, device=args.device, out=args.out, params=params,
-                     workers=args.workers, deadline=args.deadline)
+                     workers=args.workers, deadline=args.deadline, cluster=args.cluster, store=args.store,
+                     keep_checkpoints=args.keep_checkpoints)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -193,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
                    help="no run starts that would not finish within SECONDS of the start; the runs still "
                         "training then are stopped; the notebooks and report use what finished")
+    p.add_argument("--cluster", default=None, metavar="ADDRESS",
+                   help="train the runs as Ray tasks: auto (the cluster `ray start` started here), "
+                        "ray://HOST:PORT, or local (a Ray started in this process); needs cptlab[cluster]")
+    p.add_argument("--store", default="shared", choices=["shared", "node"],
+                   help="--cluster: the run store is on a filesystem every node mounts (shared), or each "
+                        "node trains into its own and sends finished runs back (node)")
+    p.add_argument("--keep-checkpoints", default="final", choices=["final", "none", "all"],
+                   help="--store node: the checkpoints a finished run brings back (stage ends, none, all)")
     p.set_defaults(func=_cmd_batch)
 
     _add_model_commands(sub)
