@@ -34,20 +34,16 @@ def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device
     returns 0 when all succeeded, 1 otherwise.
 
     With every notebook and ``prefetch``, the runs of all experiments are trained first in one go
-    (``workers`` side by side, default ``runner.default_workers``), so the CPU's cores or the GPU stay
-    busy across notebooks; the notebooks then find their runs in the store, and ``out`` gets
-    runs_summary.md and runs_summary.json. ``deadline``: seconds from now after which no run starts
-    (the runs still training are stopped and the experiments' priority, ``scheduler.PRIORITY``, decides
-    which start first); the notebooks and the report then use the runs that finished. ``cluster``: the
-    runs train on Ray (``runner.run_all``'s options)."""
+    (``workers`` side by side, default ``runner.default_workers``), so the cores or the GPU stay busy
+    across notebooks; the notebooks then find their runs in the store; ``out`` gets runs_summary.md/.json.
+    ``deadline``: seconds from now after which no run starts (the runs still training are stopped; the
+    experiments' priority, ``scheduler.PRIORITY``, decides which start first); the notebooks and report
+    use the runs that finished. ``cluster``: the runs train on Ray (``runner.run_all``'s options)."""
     called = time.time()  # the deadline counts from the call, not from after the imports (torch: seconds)
     from cptlab.study.runner import DEADLINE_ENV
 
     _check_options(scale, workers, deadline, bool(notebooks))
-    cluster_options = {}
-    if cluster is not None:
-        _check_cluster(cluster, store, keep_checkpoints, workers)
-        cluster_options = {"cluster": cluster, "store_mode": store, "keep_checkpoints": keep_checkpoints}
+    cluster_options = _cluster_options(cluster, store, keep_checkpoints, workers)
     paths = [Path(p) for p in notebooks] if notebooks else sorted(NOTEBOOK_DIR.glob("[0-9]*.ipynb"))
     parameters = {path: _parameters(path) for path in paths}  # every notebook read before any work
     _kernel_environment(None if deadline is None else called + deadline)
@@ -155,15 +151,20 @@ def _parameters(path: Path) -> dict[str, Any]:
         raise ConfigError(f"notebooks: {path} is not a Jupyter notebook (.ipynb JSON with cells)") from None
 
 
-def _check_cluster(cluster: str, store: str, keep_checkpoints: str, workers: int | None) -> None:
-    """One-line ConfigErrors for ``--cluster`` and its options (Ray not installed included)."""
+def _cluster_options(cluster: str | None, store: str, keep_checkpoints: str,
+                     workers: int | None) -> dict[str, str]:
+    """``runner.run_all``'s cluster options ({} without ``cluster``), checked: one-line ConfigErrors for
+    ``--cluster`` and its options (Ray not installed included)."""
     from cptlab.config import ConfigError
     from cptlab.study.ray_executor import check_options
 
+    if cluster is None:
+        return {}
     check_options(cluster, store, keep_checkpoints)
     if workers is not None:
         raise ConfigError("--workers: not with --cluster (the cluster's resources say how many runs train "
                           "side by side)")
+    return {"cluster": cluster, "store_mode": store, "keep_checkpoints": keep_checkpoints}
 
 
 def _execute(path: Path, executed: Path, parameters: dict[str, Any]) -> bool:
