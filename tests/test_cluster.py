@@ -125,6 +125,23 @@ def test_a_killed_worker_is_retried_and_the_run_resumes_to_the_same_lines(local_
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # a local Ray, one run of 256 steps, stopped once and continued
+def test_stop_checkpoints_every_task_and_a_later_batch_continues(local_ray, reference, tmp_path):
+    run = _long_base()
+    out = runner.run_dir(run, tmp_path)
+    with ray_executor.RayExecutor("auto") as executor:  # the deadline's and Ctrl-C's stop
+        runner.write_labels(run, tmp_path)
+        future = executor.submit(runner.job_for(run, tmp_path))
+        while not list((out / "checkpoints").glob("step-*.pt")) and not future.done():
+            time.sleep(0.02)
+        executor.stop()
+        stopped = future.result()
+    assert stopped.status == "stopped" and not (out / "DONE").exists()
+    runner.run_all([run], tmp_path, cluster="auto")
+    assert _eval_lines(out) == _eval_lines(runner.run_dir(run, reference))
+
+
+@pytest.mark.ray
 @pytest.mark.slow  # a two-node Ray cluster, three smoke runs shipped to node-local stores and back
 def test_node_stores_on_two_nodes_match_the_local_executor(local_ray, reference, tmp_path, monkeypatch):
     from ray.cluster_utils import Cluster

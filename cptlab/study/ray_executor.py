@@ -173,9 +173,12 @@ def _metrics_bytes(folder: Path) -> int:
 
 # -- the task (on a node) ---------------------------------------------------------------------------
 
-def _die_with_parent() -> None:
-    """In the trainer process: be killed when the task's worker process dies (Linux), so a retried task
-    finds the run directory free."""
+def _trainer_preexec() -> None:
+    """In the trainer process before it starts: take SIGINT as a fresh process does (a Ray worker blocks
+    or ignores it, and a child inherits both: the stop would never arrive), and be killed when the task's
+    worker process dies (Linux), so a retried task finds the run directory free."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
@@ -186,7 +189,7 @@ def run_trainer(request: dict[str, Any], control: Any, ray: Any) -> dict[str, An
     cmd, env = worker_command(int(request["threads"]))
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                                text=True, preexec_fn=_die_with_parent)
+                                text=True, preexec_fn=_trainer_preexec)
         proc.stdin.write(json.dumps(request) + "\n")
         proc.stdin.close()
         sent = None
