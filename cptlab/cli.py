@@ -189,12 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/batch")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="extra notebook parameter")
-    p.add_argument("--workers", type=int, default=None,
-                   help="runs trained side by side (default: 2 on a CPU, from free memory on a GPU)")
-    p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
-                   help="no run starts that would not finish within SECONDS of the start; the runs still "
-                        "training then are stopped; the notebooks and report use what finished")
-    _add_cluster_options(p)
+    _add_run_options(p)
     p.set_defaults(func=_cmd_batch)
 
     _add_model_commands(sub)
@@ -252,8 +247,14 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_merge)
 
 
-def _add_cluster_options(p: argparse.ArgumentParser) -> None:
-    """``cptlab batch --cluster`` and its options (docs/cluster.md)."""
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """``cptlab batch``'s options for the runs it trains first: side by side, within a deadline, on a Ray
+    cluster (``--cluster`` and its options, docs/cluster.md)."""
+    p.add_argument("--workers", type=int, default=None,
+                   help="runs trained side by side (default: 2 on a CPU, from free memory on a GPU)")
+    p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                   help="no run starts that would not finish within SECONDS of the start; the runs still "
+                        "training then are stopped; the notebooks and report use what finished")
     p.add_argument("--cluster", default=None, metavar="ADDRESS",
                    help="train the runs as Ray tasks: auto (the cluster `ray start` started here), "
                         "ray://HOST:PORT, or local (a Ray started in this process); needs cptlab[cluster]")
