@@ -27,21 +27,23 @@ def notebook_parameters(path: Path) -> dict[str, Any]:
 
 def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device: str = "auto",
               out: str | Path = "runs/batch", params: dict[str, Any] | None = None,
-              prefetch: bool = True, workers: int | None = None, deadline: float | None = None) -> int:
+              prefetch: bool = True, workers: int | None = None, deadline: float | None = None,
+              cluster: str | None = None, store: str = "shared", keep_checkpoints: str = "final") -> int:
     """Run each notebook (all in ``notebooks/`` by default) into ``out``; a notebook that takes
     ``shift`` runs once per shift. A failing notebook is saved with its error and the rest still run;
     returns 0 when all succeeded, 1 otherwise.
 
     With every notebook and ``prefetch``, the runs of all experiments are trained first in one go
-    (``workers`` side by side, default ``runner.default_workers``), so the CPU's cores or the GPU stay
-    busy across notebooks; the notebooks then find their runs in the store, and ``out`` gets
-    runs_summary.md and runs_summary.json. ``deadline``: seconds from now after which no run starts
-    (the runs still training are stopped and the experiments' priority, ``scheduler.PRIORITY``, decides
-    which start first); the notebooks and the report then use the runs that finished."""
+    (``workers`` side by side, default ``runner.default_workers``), so the cores or the GPU stay busy
+    across notebooks; the notebooks then find their runs in the store; ``out`` gets runs_summary.md/.json.
+    ``deadline``: seconds from now after which no run starts (the runs still training are stopped; the
+    experiments' priority, ``scheduler.PRIORITY``, decides which start first); the notebooks and report
+    use the runs that finished. ``cluster``: the runs train on Ray (``runner.run_all``'s options)."""
     called = time.time()  # the deadline counts from the call, not from after the imports (torch: seconds)
     from cptlab.study.runner import DEADLINE_ENV
 
     _check_options(scale, workers, deadline, bool(notebooks))
+    cluster_options = _cluster_options(cluster, store, keep_checkpoints, workers)
     paths = [Path(p) for p in notebooks] if notebooks else sorted(NOTEBOOK_DIR.glob("[0-9]*.ipynb"))
     parameters = {path: _parameters(path) for path in paths}  # every notebook read before any work
     _kernel_environment(None if deadline is None else called + deadline)
@@ -50,7 +52,7 @@ def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device
     failed = []
     total_start = time.perf_counter()
     if not notebooks and prefetch:
-        failed += _prefetch(scale, device, out, workers, deadline)
+        failed += _prefetch(scale, device, out, workers, deadline, cluster_options)
     runs_s = time.perf_counter() - total_start
     for path in paths:
         defaults = parameters[path]
@@ -149,6 +151,22 @@ def _parameters(path: Path) -> dict[str, Any]:
         raise ConfigError(f"notebooks: {path} is not a Jupyter notebook (.ipynb JSON with cells)") from None
 
 
+def _cluster_options(cluster: str | None, store: str, keep_checkpoints: str,
+                     workers: int | None) -> dict[str, str]:
+    """``runner.run_all``'s cluster options ({} without ``cluster``), checked: one-line ConfigErrors for
+    ``--cluster`` and its options (Ray not installed included)."""
+    from cptlab.config import ConfigError
+    from cptlab.study.ray_executor import check_options
+
+    if cluster is None:
+        return {}
+    check_options(cluster, store, keep_checkpoints)
+    if workers is not None:
+        raise ConfigError("--workers: not with --cluster (the cluster's resources say how many runs train "
+                          "side by side)")
+    return {"cluster": cluster, "store_mode": store, "keep_checkpoints": keep_checkpoints}
+
+
 def _execute(path: Path, executed: Path, parameters: dict[str, Any]) -> bool:
     """Execute one notebook into ``executed`` with papermill (saved with its error if it fails); says how it
     went and returns whether it succeeded (not without papermill: the report is still written)."""
@@ -167,9 +185,9 @@ def _execute(path: Path, executed: Path, parameters: dict[str, Any]) -> bool:
 
 
 def _prefetch(scale: str, device: str, out: Path, workers: int | None = None,
-              deadline: float | None = None) -> list[str]:
-    """Train every experiment's runs of ``scale`` side by side, with the runs summary in ``out``; the
-    failed ones' names (else [])."""
+              deadline: float | None = None, cluster_options: dict[str, str] | None = None) -> list[str]:
+    """Train every experiment's runs of ``scale`` side by side (on a Ray cluster with
+    ``cluster_options``), with the runs summary in ``out``; the failed ones' names (else [])."""
     from cptlab.analysis.results import experiment_runs
     from cptlab.study import runner, scheduler
     from cptlab.study.scales import SCALES
@@ -181,7 +199,7 @@ def _prefetch(scale: str, device: str, out: Path, workers: int | None = None,
     print(f"[batch] training the runs of every experiment at scale {scale} ...", flush=True)
     try:
         runner.run_all(runs, workers=workers, log=lambda line: print(line, flush=True), summary=out,
-                       order=scheduler.PRIORITY if deadline is not None else None)
+                       order=scheduler.PRIORITY if deadline is not None else None, **(cluster_options or {}))
     except RuntimeError as exc:
         print(f"[batch] runs: FAILED ({exc})", flush=True)
         return ["runs"]

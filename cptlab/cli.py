@@ -78,7 +78,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
     params = {name: value for name, value in (args.param or [])}
     return run_batch(args.notebooks, scale=args.scale, device=args.device, out=args.out, params=params,
-                     workers=args.workers, deadline=args.deadline)
+                     workers=args.workers, deadline=args.deadline, cluster=args.cluster, store=args.store,
+                     keep_checkpoints=args.keep_checkpoints)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -188,11 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/batch")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="extra notebook parameter")
-    p.add_argument("--workers", type=int, default=None,
-                   help="runs trained side by side (default: 2 on a CPU, from free memory on a GPU)")
-    p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
-                   help="no run starts that would not finish within SECONDS of the start; the runs still "
-                        "training then are stopped; the notebooks and report use what finished")
+    _add_run_options(p)
     p.set_defaults(func=_cmd_batch)
 
     _add_model_commands(sub)
@@ -248,6 +245,24 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
                    help="the stage whose end checkpoint to use: one for every run, or one per run "
                         "(default: each run's last)")
     p.set_defaults(func=_cmd_merge)
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """``cptlab batch``'s options for the runs it trains first: side by side, within a deadline, on a Ray
+    cluster (``--cluster`` and its options, docs/cluster.md)."""
+    p.add_argument("--workers", type=int, default=None,
+                   help="runs trained side by side (default: 2 on a CPU, from free memory on a GPU)")
+    p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                   help="no run starts that would not finish within SECONDS of the start; the runs still "
+                        "training then are stopped; the notebooks and report use what finished")
+    p.add_argument("--cluster", default=None, metavar="ADDRESS",
+                   help="train the runs as Ray tasks: auto (the cluster `ray start` started here), "
+                        "ray://HOST:PORT, or local (a Ray started in this process); needs cptlab[cluster]")
+    p.add_argument("--store", default="shared", choices=["shared", "node"],
+                   help="--cluster: the run store is on a filesystem every node mounts (shared), or each "
+                        "node trains into its own and sends finished runs back (node)")
+    p.add_argument("--keep-checkpoints", default="final", choices=["final", "none", "all"],
+                   help="--store node: the checkpoints a finished run brings back (stage ends, none, all)")
 
 
 def _expected(exc: Exception) -> tuple[str, int] | None:

@@ -42,11 +42,15 @@ class Job:
 class Outcome:
     """What became of a job: ``done``, ``stopped`` (resumable) or ``failed`` (``error`` says why), and
     where its time went (``seconds``: startup, data, steps, eval, checkpoint; only startup for a run that
-    failed)."""
+    failed); on a cluster, the node and GPU it trained on and how many times it was started (``tries``:
+    more than one after a lost worker)."""
 
     status: str
     error: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
+    node: str = ""
+    gpu: str = ""
+    tries: int = 1
 
 
 class Executor(Protocol):

@@ -118,7 +118,8 @@ def _deadline_at(deadline: float | None) -> float | None:
 def run_all(runs: list[Run], root: str | Path | RunStore | None = None, workers: int | None = None,
             quiet: bool = True, log: Log = print, *, deadline: float | None = None,
             order: tuple[str, ...] | None = None, summary: str | Path | None = None,
-            executor: Executor | None = None) -> dict[str, Path]:
+            executor: Executor | None = None, cluster: str | None = None, store_mode: str = "shared",
+            keep_checkpoints: str = "final") -> dict[str, Path]:
     """Train every run not finished yet (and the runs they start from) in the run store ``root`` (default
     ``runs_root()``); return run_id -> DIR.
 
@@ -129,9 +130,14 @@ def run_all(runs: list[Run], root: str | Path | RunStore | None = None, workers:
     ``deadline``: seconds from now; a run that would not finish by then at the speed measured so far is not
     started, and the runs still training then are stopped. ``summary``: a folder to write runs_summary.md
     and runs_summary.json into. A failed run is reported and the others go on; an error listing the failed
-    runs (not those the deadline stopped) is raised at the end."""
+    runs (not those the deadline stopped) is raised at the end.
+
+    ``cluster``: train on a Ray cluster instead (``auto``, ``ray://HOST:PORT`` or ``local``; see
+    ``ray_executor``), with the run store shared by every node (``store_mode="shared"``) or shipped to and
+    from node-local stores (``"node"``, ``keep_checkpoints``: ``final``, ``none`` or ``all``)."""
     records, meta = train_runs(runs, root, workers, quiet, log, deadline=deadline, order=order,
-                               executor=executor)
+                               executor=executor, cluster=cluster, store_mode=store_mode,
+                               keep_checkpoints=keep_checkpoints)
     if summary is not None:
         paths = scheduler.write_summary(records, summary, meta)
         if any(r.status != "already done" for r in records):
@@ -147,16 +153,24 @@ def run_all(runs: list[Run], root: str | Path | RunStore | None = None, workers:
 
 def train_runs(runs: list[Run], root: str | Path | RunStore | None = None, workers: int | None = None,
                quiet: bool = True, log: Log = print, *, deadline: float | None = None,
-               order: tuple[str, ...] | None = None,
-               executor: Executor | None = None) -> tuple[list[RunRecord], dict]:
+               order: tuple[str, ...] | None = None, executor: Executor | None = None,
+               cluster: str | None = None, store_mode: str = "shared",
+               keep_checkpoints: str = "final") -> tuple[list[RunRecord], dict]:
     """``run_all``'s work without its error: the summary's rows (every run and the runs they start from,
     needs first) and its header (device, workers, deadline, seconds and tokens/s of the whole, the
-    seconds of every run's sections summed)."""
+    seconds of every run's sections summed; on a cluster, its address and store mode)."""
     store = as_store(root)
     todo = _closure(runs, store)
     started, deadline_at = time.monotonic(), _deadline_at(deadline)
     device = todo[0].config.train.device if todo else "auto"
     pending = [r for r in todo if not is_done(r, store)]
+    if cluster is not None and pending:
+        if workers is not None or executor is not None:
+            raise ValueError("--workers: not with --cluster (the cluster's resources say how many runs "
+                             "train side by side)")
+        with cluster_executor(cluster, pending, device, store_mode, keep_checkpoints) as on_cluster:
+            return train_runs(runs, store, None, quiet, log, deadline=deadline, order=order,
+                              executor=on_cluster)
     if executor is not None:
         workers = executor.slots
     elif workers is None:  # past the deadline nothing starts: no CUDA context to size the workers by
@@ -185,7 +199,7 @@ def train_runs(runs: list[Run], root: str | Path | RunStore | None = None, worke
     if pending:
         log(f"[runs] trained {tracker.done} runs in {seconds:.0f}s ({trained / max(seconds, 1e-9):,.0f} "
             f"tokens/s in all)")
-    meta = {"device": device, "workers": workers,
+    meta = {"device": device, "workers": workers, **getattr(executor, "meta", {}),
             "deadline_s": None if deadline_at is None else round(deadline_at - started, 1),
             "order": ",".join(order) if order else "longest chains first", "train_s": round(seconds, 1),
             "tokens_trained": trained, "tokens_per_s": round(trained / max(seconds, 1e-9)),
@@ -229,10 +243,34 @@ def _train_one_by_one(pending: list[Run], store: RunStore, quiet: bool, tracker:
 def _train_side_by_side(pending: list[Run], store: RunStore, executor: Executor,
                         tracker: scheduler.Tracker, order: tuple[str, ...] | None, threads: int) -> None:
     """Train ``pending`` through ``executor``, ``executor.slots`` at a time, each as soon as its needs are
-    done, longest chains first; at the deadline, stop the ones still training (killed after
-    ``STOP_GRACE_S``)."""
+    done, longest chains first; at the deadline, or on Ctrl-C (re-raised once they stopped), stop the
+    ones still training (killed after ``STOP_GRACE_S``)."""
     running: dict[Future, tuple[Run, float]] = {}
-    stopping = False
+    try:
+        _schedule(pending, store, executor, tracker, order, threads, running)
+    except KeyboardInterrupt:
+        _stop_all(executor, running, tracker)
+        raise
+
+
+def _stop_all(executor: Executor, running: dict[Future, tuple[Run, float]],
+              tracker: scheduler.Tracker) -> None:
+    """Stop the runs of ``running`` (each checkpoints and ends, resumable), kill those still training after
+    ``STOP_GRACE_S``, and record them."""
+    executor.stop()
+    if wait(running, timeout=STOP_GRACE_S).not_done:
+        executor.kill()
+    for fut in wait(running).done:
+        run, t0 = running.pop(fut)
+        outcome = fut.result()
+        if outcome.status == "failed":  # killed
+            outcome.status = "stopped"
+        tracker.finished(run, time.monotonic() - t0, outcome)
+
+
+def _schedule(pending: list[Run], store: RunStore, executor: Executor, tracker: scheduler.Tracker,
+              order: tuple[str, ...] | None, threads: int, running: dict[Future, tuple[Run, float]]) -> None:
+    """``_train_side_by_side``'s loop; ``running`` holds the runs training (future -> run, start)."""
     waiting = scheduler.start_order(pending, _critical_paths(pending), order)  # stable: ties keep the order
     while waiting or running:
         for run in [r for r in waiting if tracker.blocked(r)]:
@@ -250,19 +288,22 @@ def _train_side_by_side(pending: list[Run], store: RunStore, executor: Executor,
         left = None if tracker.deadline_at is None else max(0.0, tracker.deadline_at - time.monotonic())
         finished, _ = wait(running, timeout=left, return_when=FIRST_COMPLETED)
         if not finished:  # the deadline: stop (each run checkpoints and ends, resumable), then kill
-            stopping = True
-            executor.stop()
-            if wait(running, timeout=STOP_GRACE_S).not_done:
-                executor.kill()
-            finished = set(wait(running).done)
+            _stop_all(executor, running, tracker)
         for fut in finished:
             run, t0 = running.pop(fut)
-            outcome = fut.result()
-            if stopping and outcome.status == "failed":  # killed at the deadline
-                outcome.status = "stopped"
-            tracker.finished(run, time.monotonic() - t0, outcome)
+            tracker.finished(run, time.monotonic() - t0, fut.result())
     for run in waiting:
         tracker.not_started(run, LATE if tracker.deadline_at is not None else NEEDS_UNDONE)
+
+
+def cluster_executor(cluster: str, runs: list[Run], device: str, store_mode: str = "shared",
+                     keep_checkpoints: str = "final") -> Executor:
+    """A ``RayExecutor`` on ``cluster`` for ``runs``: one CPU thread a run, and on CUDA the fraction of a
+    GPU the largest run's memory estimate takes."""
+    from cptlab.study.ray_executor import RayExecutor
+
+    per_run = max(scheduler.run_memory_bytes(r.config) for r in runs) if device != "cpu" else None
+    return RayExecutor(cluster, store_mode, keep_checkpoints, per_run_bytes=per_run)
 
 
 def job_for(run: Run, root: str | Path | RunStore | None = None, threads: int = 1) -> Job:

@@ -106,6 +106,10 @@ class RunRecord:
     eval_s: float = 0.0
     checkpoint_s: float = 0.0
     rest_s: float = 0.0
+    # On a cluster (``--cluster``): the node and GPU(s) the run trained on, and how many times it started.
+    node: str = ""
+    gpu: str = ""
+    tries: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -169,19 +173,30 @@ def write_summary(records: list[RunRecord], out: str | Path, meta: dict[str, Any
     meta = {**meta, "counts": counts}
     json_path, md_path = out / "runs_summary.json", out / "runs_summary.md"
     atomic_write_text(json_path, json.dumps({**meta, "runs": rows}, indent=2) + "\n")
+    atomic_write_text(md_path, "\n".join(_summary_lines(rows, meta, counts)) + "\n")
+    return [md_path, json_path]
+
+
+def _summary_lines(rows: list[dict[str, Any]], meta: dict[str, Any], counts: dict[str, int]) -> list[str]:
+    """runs_summary.md's lines: the header, the counts, a table with a row per run (with the node, GPU and
+    tries of each on a cluster)."""
+    cluster = any(r["node"] for r in rows)
     lines = ["# Runs summary", "", ", ".join(f"{k}: {v}" for k, v in meta.items() if k != "counts"), "",
              ", ".join(f"{n} {s}" for s, n in counts.items() if n), "",
              "| run | run id | tokens planned | tokens trained | wall s | status | tokens/s "
              "| training tokens/s | start-up s | data s | steps s | eval s | checkpoint s | rest s |",
              "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    if cluster:
+        lines[-2] += " node | GPU | tries |"
+        lines[-1] += "---|---|---:|"
     for r in rows:
         status = r["status"] + (f" ({r['error'].splitlines()[0][:120]})" if r["error"] else "")
         lines.append(f"| {r['experiment']}/{r['name']} | {r['run_id']} | {r['tokens_planned']:,} | "
                      f"{r['tokens_trained']:,} | {r['wall_s']:.0f} | {status.replace('|', '/')} | "
                      f"{r['tokens_per_s']:,} | {r['train_tokens_per_s']:,} | "
-                     + " | ".join(f"{r[f'{s}_s']:.1f}" for s in SECTIONS) + " |")
-    atomic_write_text(md_path, "\n".join(lines) + "\n")
-    return [md_path, json_path]
+                     + " | ".join(f"{r[f'{s}_s']:.1f}" for s in SECTIONS) + " |"
+                     + (f" {r['node'] or '-'} | {r['gpu'] or '-'} | {r['tries']} |" if cluster else ""))
+    return lines
 
 
 class Tracker:
@@ -233,6 +248,7 @@ class Tracker:
         """Record what became of ``run`` after ``seconds`` of wall time (``outcome``: status, sections)."""
         record = self.records[run.run_id]
         record.set_seconds(seconds, outcome.seconds)
+        record.node, record.gpu, record.tries = outcome.node, outcome.gpu, outcome.tries
         self._read_progress(run)
         if self.store.is_done(run.experiment, run.run_id):  # a run stopped just after it finished is done
             record.status, record.error = "done", ""
