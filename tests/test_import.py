@@ -276,7 +276,11 @@ def test_the_launcher_continues_an_imported_model_and_the_browser_shows_it(impor
     launcher.train_button.click()
     assert launcher.wait(300) and launcher.error is None, launcher.status.value
     assert launcher.base_records and launcher.records[-1]["stage"] == "continue"
+    launcher.base.value = ""  # a run from the scale's own base beside it: a smoke run in the experiment
+    launcher.train_button.click()
+    assert launcher.wait(300) and launcher.error is None, launcher.status.value
     browser = ResultsBrowser(experiment="launcher")
+    assert {"smoke", "custom"} <= set(browser.scale.options)  # an imported shape is not hidden by a scale
     browser.runs.value = (f"launcher/{run.run_id}",)
     refs = browser.reference_frame()
     assert set(refs["run_id"]) == {f"pretrained/{imported_smoke_base.name}"}

@@ -244,8 +244,10 @@ def _config(run: RunDir) -> RunConfig | None:
 
 
 def _model_preset(run: RunDir) -> str | None:
+    """The run's model preset; ``custom`` for a shape given in full (an imported model and the runs that
+    continue it), so that choosing a scale never hides them without a word."""
     cfg = _config(run)
-    return cfg.model.preset if cfg is not None else None
+    return (cfg.model.preset or "custom") if cfg is not None else None
 
 
 # Roles of the models continual runs start from: the lab's own base models and imported ones (cptlab import).
