@@ -55,3 +55,10 @@ def test_no_function_is_longer_than_the_limit_unless_a_comment_says_why():
     rows = script["function_lengths"](ROOT / "cptlab")
     too_long = [f"{where} ({n} lines)" for n, where, excused in rows if n > script["LIMIT"] and not excused]
     assert not too_long, f"longer than {script['LIMIT']} lines with no comment saying why: {too_long}"
+
+
+def test_the_cluster_error_names_the_cluster_extras_ray_range():
+    from cptlab.study.ray_executor import RAY_RANGE
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["cluster"]
+    assert extra == [f"ray[client]{RAY_RANGE}"]

@@ -46,7 +46,7 @@ from cptlab.config import ConfigError, RunConfig, RunRef
 from cptlab.study.executors import STOPPED_BEFORE_START, Job, Outcome, worker_command
 from cptlab.training.store import RunStore
 
-RAY_RANGE = ">=2.40,<2.61"
+RAY_RANGE = ">=2.46,<2.47"  # the cluster extra's pin (pyproject.toml)
 RAY_MISSING = ("--cluster: Ray is not installed; install it with pip install 'cptlab[cluster]' "
                f"(or pip install 'ray[client]{RAY_RANGE}')")
 STORE_MODES = ("shared", "node")
