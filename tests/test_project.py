@@ -60,5 +60,5 @@ def test_no_function_is_longer_than_the_limit_unless_a_comment_says_why():
 def test_the_cluster_error_names_the_cluster_extras_ray_range():
     from cptlab.study.ray_executor import RAY_RANGE
 
-    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["cluster"]
-    assert extra == [f"ray[client]{RAY_RANGE}"]
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["cluster"] == [f"ray[client]{RAY_RANGE}"]
