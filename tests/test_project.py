@@ -20,12 +20,12 @@ def test_environment_yml_names_the_same_packages_as_pyproject():
     extras = project["optional-dependencies"]
     wanted = {_name(r) for r in project["dependencies"] + extras["dev"] + extras["cluster"]}
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
-    conda = {_name(d) for d in env["dependencies"] if isinstance(d, str)}
-    conda_names = {"pytorch": "torch", "ray-client": "ray"}  # conda-forge's names of pip packages
-    conda = {conda_names.get(n, n) for n in conda} - {"python", "pip"}
-    assert conda == wanted, f"only in environment.yml: {conda - wanted}; only in pyproject: {wanted - conda}"
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     assert "-e ." in pip_section
+    listed = [d for d in env["dependencies"] if isinstance(d, str)] + [d for d in pip_section if d != "-e ."]
+    conda_names = {"pytorch": "torch", "ray-client": "ray"}  # conda-forge's names of pip packages
+    conda = {conda_names.get(_name(d), _name(d)) for d in listed} - {"python", "pip"}
+    assert conda == wanted, f"only in environment.yml: {conda - wanted}; only in pyproject: {wanted - conda}"
 
 
 def test_torch_range_admits_the_local_cpu_build():

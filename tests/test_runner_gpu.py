@@ -68,7 +68,8 @@ def test_estimate_counts_the_start_up():
 
 
 _FAKE_WORKER = """
-import json, pathlib, sys, time
+import json, pathlib, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as `cptlab worker` does: a shell's & ignores INT
 for line in sys.stdin:
     job = json.loads(line)
     time.sleep({seconds})
