@@ -69,7 +69,8 @@ def test_estimate_counts_the_start_up():
 
 _FAKE_WORKER = """
 import json, pathlib, signal, sys, time
-signal.signal(signal.SIGINT, signal.default_int_handler)  # as `cptlab worker` does: a shell's & ignores INT
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {{signal.SIGINT}})  # as `cptlab worker` takes its stop request
+signal.signal(signal.SIGINT, signal.default_int_handler)
 for line in sys.stdin:
     job = json.loads(line)
     time.sleep({seconds})

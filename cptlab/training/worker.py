@@ -74,6 +74,9 @@ def run_job(job: dict[str, Any], stop: _Stop) -> dict[str, Any]:
 def serve(jobs: IO[str], answers: IO[str]) -> int:
     """Answer every job line of ``jobs`` on ``answers`` until end of input (or a failed run)."""
     stop = _Stop()
+    # SIGINT is the runner's stop request: take it even where the parent left it ignored (a shell's `&`)
+    # or blocked (threads of engines such as Ray), both of which a child inherits
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     signal.signal(signal.SIGINT, stop.request)
     for line in jobs:
         if not line.strip():
