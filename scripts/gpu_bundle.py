@@ -3,7 +3,7 @@
     python scripts/gpu_bundle.py [--out gpu-bundle] [--python-version 3.12] [--scale small] [--unpin NAME]
 
 The machine's image (``scripts/gpu_image_packages.txt``) has torch, pandas, matplotlib, tokenizers and
-pyarrow but not papermill, nbclient, nbformat, ipykernel, jupyter_client, ipywidgets or datasets, and has
+pyarrow but not papermill, nbclient, nbformat, ipykernel, jupyter_client, ipywidgets, datasets or schedulefree, and has
 no network. ``--out`` gets:
 
 - ``wheels/``: those packages and every package they need that the image lacks, as binary wheels for
@@ -32,7 +32,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_LIST = REPO / "scripts" / "gpu_image_packages.txt"
-NEEDED = ("papermill", "nbclient", "nbformat", "ipykernel", "jupyter_client", "ipywidgets", "datasets")
+NEEDED = ("papermill", "nbclient", "nbformat", "ipykernel", "jupyter_client", "ipywidgets", "datasets",
+          "schedulefree")  # schedule-free AdamW: the `modern` experiment trains with it
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_26_x86_64",
              "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux2010_x86_64",
              "manylinux1_x86_64")

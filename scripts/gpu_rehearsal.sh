@@ -20,7 +20,8 @@ VENV=$REHEARSAL/venv
 # The image's packages that cptlab and the bundle's packages import (their own needs come with them and
 # must be in the image's list too: `venv` checks), at the versions seen there where known.
 IMAGE_NEEDS=(numpy pandas matplotlib pyyaml tqdm filelock tokenizers huggingface-hub safetensors pyarrow
-             fsspec xxhash requests aiohttp psutil packaging pygments attrs click httpx scipy threadpoolctl)
+             fsspec xxhash requests aiohttp psutil packaging pygments attrs click httpx scipy threadpoolctl
+             transformers)  # transformers: cptlab import / export (notebook 10)
 
 venv() {
     test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
