@@ -3,8 +3,8 @@
     python scripts/gpu_bundle.py [--out gpu-bundle] [--python-version 3.12] [--scale small] [--unpin NAME]
 
 The machine's image (``scripts/gpu_image_packages.txt``) has torch, pandas, matplotlib, tokenizers and
-pyarrow but not papermill, nbclient, nbformat, ipykernel, jupyter_client, ipywidgets, datasets or schedulefree, and has
-no network. ``--out`` gets:
+pyarrow but not papermill, nbclient, nbformat, ipykernel, jupyter_client, ipywidgets, datasets or
+schedulefree, and has no network. ``--out`` gets:
 
 - ``wheels/``: those packages and every package they need that the image lacks, as binary wheels for
   ``--python-version`` on manylinux x86_64 (pip resolves the whole set against the image's known versions,
