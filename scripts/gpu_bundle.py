@@ -3,8 +3,8 @@
     python scripts/gpu_bundle.py [--out gpu-bundle] [--python-version 3.12] [--scale small] [--unpin NAME]
 
 The machine's image (``scripts/gpu_image_packages.txt``) has torch, pandas, matplotlib, tokenizers and
-pyarrow but not papermill, nbclient, nbformat, ipykernel, jupyter_client, ipywidgets, datasets or
-schedulefree, and has no network. ``--out`` gets:
+pyarrow but not papermill, nbclient, nbformat, ipykernel, jupyter_client, ipywidgets or datasets, and has
+no network. ``--out`` gets:
 
 - ``wheels/``: those packages and every package they need that the image lacks, as binary wheels for
   ``--python-version`` on manylinux x86_64 (pip resolves the whole set against the image's known versions,
@@ -32,8 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_LIST = REPO / "scripts" / "gpu_image_packages.txt"
-NEEDED = ("papermill", "nbclient", "nbformat", "ipykernel", "jupyter_client", "ipywidgets", "datasets",
-          "schedulefree")  # schedule-free AdamW: the `modern` experiment trains with it
+NEEDED = ("papermill", "nbclient", "nbformat", "ipykernel", "jupyter_client", "ipywidgets", "datasets")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_26_x86_64",
              "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux2010_x86_64",
              "manylinux1_x86_64")
