@@ -33,6 +33,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_LIST = REPO / "scripts" / "gpu_image_packages.txt"
 NEEDED = ("papermill", "nbclient", "nbformat", "ipykernel", "jupyter_client", "ipywidgets", "datasets")
+# Pure-Python packages the image lacks whose own needs it has (torch): carried as they are, since resolving
+# them against the image's CUDA torch sends pip's resolver backtracking for minutes
+AS_IS = (("schedulefree", "1.4.1"),)
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_26_x86_64",
              "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux2010_x86_64",
              "manylinux1_x86_64")
@@ -129,7 +132,7 @@ def main() -> None:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
-        pins = resolve(args.python_version, image_packages(), Path(work), tuple(args.unpin))
+        pins = resolve(args.python_version, image_packages(), Path(work), tuple(args.unpin)) + list(AS_IS)
     print(f"[gpu-bundle] {len(pins)} packages the image lacks: {', '.join(f'{n} {v}' for n, v in pins)}")
     download(pins, args.python_version, out / "wheels")
     cache = Path(args.cache or REPO / "build" / f"gpu-cache-{args.scale}")
