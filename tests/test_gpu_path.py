@@ -117,20 +117,35 @@ def test_import_check_passes_in_the_rehearsal_venv_with_its_bundle(tmp_path):
     assert "imports: all ok" in proc.stdout and str(tmp_path / "site") in proc.stdout
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("notebook", ["05_infinite_schedules", "08_sequences"])
-def test_notebooks_say_not_run_after_the_deadline(notebook, tmp_path, monkeypatch):
-    """A deadline that left every run out: the notebook still runs and says so."""
+def _notebook_after_the_deadline(notebook: str, root: Path, tmp_path: Path, monkeypatch) -> str:
+    """Run ``notebook`` at smoke on the run store ``root`` with a deadline already past; its text."""
     import papermill
 
-    monkeypatch.setenv("CPTLAB_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("CPTLAB_RUNS", str(root))
     monkeypatch.setenv(runner.DEADLINE_ENV, str(time.time() - 1))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     out = tmp_path / f"{notebook}.ipynb"
     params = {"scale": "smoke", "device": "cpu", "out_dir": str(tmp_path / "figures")}
     papermill.execute_notebook(str(REPO / "notebooks" / f"{notebook}.ipynb"), str(out), parameters=params,
                                cwd=str(REPO / "notebooks"), progress_bar=False)
-    assert "not run" in out.read_text()
+    return out.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("notebook", ["05_infinite_schedules", "08_sequences"])
+def test_notebooks_say_not_run_after_the_deadline(notebook, tmp_path, monkeypatch):
+    """A deadline that left every run out: the notebook still runs and says so."""
+    assert "not run" in _notebook_after_the_deadline(notebook, tmp_path / "runs", tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+def test_your_model_says_not_run_when_the_deadline_left_its_continual_runs_out(tmp_path, monkeypatch):
+    """The rehearsal's case: the base model trained before the deadline, the continual runs from its
+    import did not; the notebook imports, then says what it could not show or export."""
+    root = tmp_path / "runs"
+    runner.run_all([E.base_run("smoke", device="cpu")], root, workers=1)
+    text = _notebook_after_the_deadline("10_your_model", root, tmp_path, monkeypatch)
+    assert "not run: no continual run finished" in text and "nothing to export" in text
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
