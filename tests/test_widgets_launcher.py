@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cptlab import schedules as S
-from cptlab.analysis import cpt_law, laws
+from cptlab.analysis import cpt_law, cpt_plan, laws
 from cptlab.analysis import metrics as M
 from cptlab.analysis.runs import eval_frame, load_runs
 from cptlab.study import experiments as E
@@ -169,20 +169,20 @@ def test_the_cpt_law_predicts_and_suggests_before_train(tmp_path):
     from test_cpt_law import TRUE, write_cpt_run  # finished runs whose losses the CPT law generated
 
     store = RunStore(tmp_path / "runs")
-    fit, _ = cpt_law.shift_runs(SHIFT, "smoke")
+    fit = cpt_law.fit_runs(SHIFT, "smoke")
     for run in (E.base_run("smoke"), *fit):
         write_cpt_run(store, run)
     la = RunLauncher(scale="smoke", shift=SHIFT, replay=0.1, root=store.root)
     assert "continual-pre-training law fitted on replay/strong-replay0" in la.prediction_text.value
     run = la.run()
-    truth = cpt_law.predict_run(TRUE, run)
+    truth = cpt_plan.predict_run(TRUE, run)
     for key in ("D0", "D1"):
         np.testing.assert_array_equal(la.prediction[key][0], truth[key][0])
         np.testing.assert_allclose(la.prediction[key][1], truth[key][1], rtol=2e-3)  # 10%: not fitted on
         np.testing.assert_array_equal(la.curves()[f"predicted {key}"][1], la.prediction[key][1])
     la.d0_weight.value = 1.0  # only D0 counts: as much replay as the planner allows
     la.suggest_button.click()
-    assert la.plan is not None and la.plan.replay == max(cpt_law.REPLAY_GRID)
+    assert la.plan is not None and la.plan.replay == max(cpt_plan.REPLAY_GRID)
     assert la.replay.value == 100 * la.plan.replay and la.schedule.max_lr.value == la.plan.max_lr
     assert la.schedule.kind.value == "cosine" and "suggested: 90% replay" in la.plan_text.value
     assert la.run().labels["replay"] == la.plan.replay and len(la.prediction) == 2

@@ -10,11 +10,13 @@ S1 and S2 are the schedule law's forward and annealing areas (``laws.schedule_ar
 ``cpt`` those after it. The annealing momentum crosses the switch: a decay at the end of pretraining
 still lowers the loss after it, in S2cpt. The shift term is B > 0 on the old data's set (forgetting)
 and B < 0 on the new data's (learning); at s <= switch it is zero and the law is the schedule law with
-C = C1.
+C = C1. A run's switch is the end of its lineage's first run (the base model it continues, through any
+runs between, e.g. a tail from a trunk: ``continual_history``).
 
 Replay (our reading of the paper's Eq. 8, which models the replay ratio with exponential terms after
-the Data Mixing Law, Ye et al. 2024): B(r) = B exp(-kappa r), r the fraction of the stage's compute that
-replays D0. Replay lowers both the forgetting of D0 and the learning of D1 by the same factor; the
+the Data Mixing Law, Ye et al. 2024): B(r) = B exp(-kappa r), r the fraction of the compute since the
+switch that replayed D0 (its mean over the steps so far, so a tail that changes the replay moves r
+gradually). Replay lowers both the forgetting of D0 and the learning of D1 by the same factor; the
 other parameters are shared by every replay fraction. Assumed, since the text we could read does not
 fix which terms carry r.
 
@@ -29,8 +31,8 @@ S1pt becomes a fitted parameter, C1 S2pt merges into L0 (a constant after the sw
 after the switch are fitted, and the continual stage's areas start at its own first LR (assumed: no jump
 of LR at the switch; the base's anneal momentum is lost).
 
-Validation (``validate_shift``), the planner (``plan``, ``cheapest_replay``) and the judged row
-(``planner_verdict``) follow; the schedule law is ``cptlab.analysis.laws``'.
+The held-out validation is ``cpt_validation``'s, the planner ``cpt_plan``'s; the schedule law is
+``cptlab.analysis.laws``'.
 """
 
 from __future__ import annotations
@@ -44,9 +46,7 @@ import pandas as pd
 from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
-from cptlab import schedules as sched
 from cptlab.analysis import laws as L
-from cptlab.analysis.runs import load_runs
 from cptlab.study import experiments as E
 from cptlab.study import paper
 from cptlab.study.scales import Scale, get_scale
@@ -59,11 +59,6 @@ HUBER_DELTA = 1e-3
 N_STARTS = 4  # L-BFGS-B starting points per lambda
 NAMES = ("L0", "A", "alpha", "C1", "C2", "B", "E", "beta", "kappa")
 FIT_RUNS = ("{shift}-replay0", "{shift}-rewarm-constant", "{shift}-replay0.25")  # the three fitted
-D1_TOLERANCE = 0.01  # relative error of the final D1 loss
-D0_TOLERANCE = (0.02, 0.15)  # nats, or this share of the measured forgetting, whichever is larger
-TARGET_SHARE = 0.8  # of the held-out runs
-REPLAY_GRID = tuple(round(0.01 * k, 2) for k in range(0, 91))
-LR_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)  # of the scale's max LR, tried by the planner
 
 
 # -- areas split at the switch -----------------------------------------------------------------------
@@ -139,10 +134,11 @@ class Points:
     the replay fraction of each point's run (flattened over runs)."""
 
     run: list[str] = field(default_factory=list)
-    histories: list[tuple[np.ndarray, int, np.ndarray, np.ndarray, float]] = field(default_factory=list)
+    histories: list[tuple[np.ndarray, int, np.ndarray, np.ndarray, float | np.ndarray]] = field(
+        default_factory=list)
 
     def add(self, name: str, lr: np.ndarray, switch: int, steps: np.ndarray, loss: np.ndarray,
-            replay: float) -> None:
+            replay: float | np.ndarray) -> None:
         if len(steps):
             self.run.append(name)
             self.histories.append((lr, switch, np.asarray(steps, int), np.asarray(loss, float), replay))
@@ -158,6 +154,22 @@ def replay_of(run: E.Run) -> float:
     return float(replay.fraction) if replay is not None else 0.0
 
 
+def lineage_root(run: E.Run) -> E.Run:
+    """The first run of ``run``'s lineage (following ``needs``): the base model a continual run continues."""
+    while run.needs:
+        run = run.needs[0]
+    return run
+
+
+def continual_history(run: E.Run, store: RunStore | None = None) -> tuple[int, np.ndarray]:
+    """(switch, r): the steps of ``run``'s history that its lineage's first run trained (before the data
+    changed), and after each of the history's 0 .. n steps the mean replay fraction since the switch."""
+    switch = len(L.lr_history(lineage_root(run), store))
+    after = L.replay_history(run, store)[switch:]
+    mean = np.cumsum(after) / np.arange(1, len(after) + 1)
+    return switch, np.concatenate([np.zeros(switch + 1), mean])
+
+
 def points_of(runs: Sequence[E.Run], frame: pd.DataFrame, loss_set: str, store: RunStore | None = None,
               open_model: bool = False) -> Points:
     """The evaluations of ``loss_set`` of the continual ``runs`` in ``frame`` and, unless ``open_model``,
@@ -165,8 +177,9 @@ def points_of(runs: Sequence[E.Run], frame: pd.DataFrame, loss_set: str, store: 
     points, bases = Points(), set()
     for run in runs:
         curve = L.run_curve(run, frame, loss_set, store)
-        points.add(curve.run, curve.lr, curve.start, curve.steps, curve.loss, replay_of(run))
-        base = run.needs[0] if run.needs else None
+        switch, r = continual_history(run, store)
+        points.add(curve.run, curve.lr, switch, curve.steps, curve.loss, r[curve.steps])
+        base = lineage_root(run) if run.needs else None
         if open_model or base is None or base.run_id in bases:
             continue
         bases.add(base.run_id)
@@ -207,7 +220,7 @@ def _columns(points: Points, lam: float, lr_ref: float, open_model: bool) -> lis
     parts = []
     for lr, switch, steps, _, r in points.histories:
         areas = split_areas(lr, switch, lam, lr_ref, open_model)
-        parts.append([a[steps] for a in areas] + [np.full(len(steps), r)])
+        parts.append([a[steps] for a in areas] + [np.broadcast_to(np.asarray(r, float), steps.shape)])
     return [np.concatenate(col) for col in zip(*parts)]
 
 
@@ -269,19 +282,13 @@ def _law_and_gradient(theta: np.ndarray, s1pt, s2pt, s1cpt, s2cpt, r,
     return pred, np.array(rows)
 
 
-# -- validation at a scale ---------------------------------------------------------------------------
-
-def shift_runs(shift: str, scale: str | Scale = "tiny",
-               device: str = "auto") -> tuple[list[E.Run], list[E.Run]]:
-    """(fit, held out): the continual runs of ``shift`` from the seed-0 base model that the reproduction
-    trains (the replay sweep, the max-LR and warmup ablations), split into ``FIT_RUNS`` and the others."""
+def fit_runs(shift: str, scale: str | Scale = "tiny", device: str = "auto") -> list[E.Run]:
+    """The continual runs of ``shift`` the law is fitted on (``FIT_RUNS``: 0% replay with cosine and with
+    a constant LR, 25% replay), from the seed-0 base model the reproduction trains."""
     s = get_scale(scale)
-    runs = [*E.replay_sweep(shift, s, (0,), device), *E.max_lr_ablation(shift, s, device),
-            *(E.warmup_ablation(shift, s, device) if shift == "weak" else [])]
-    unique = {r.run_id: r for r in runs if r.labels.get("role") == "continual"}
     names = {f.format(shift=shift) for f in FIT_RUNS}
-    return ([r for r in unique.values() if r.name in names],
-            [r for r in unique.values() if r.name not in names])
+    runs = [*E.replay_sweep(shift, s, (0,), device), *E.max_lr_ablation(shift, s, device)]
+    return list({r.run_id: r for r in runs if r.name in names}.values())
 
 
 def fit_shift(shift: str, fit: Sequence[E.Run], frame: pd.DataFrame, store: RunStore | None = None,
@@ -291,285 +298,3 @@ def fit_shift(shift: str, fit: Sequence[E.Run], frame: pd.DataFrame, store: RunS
     sets = {"D0": paper.D0, "D1": paper.SHIFTS[shift]}
     return {key: fit_cpt_law(points_of(fit, frame, name, store, open_model), name, open_model)
             for key, name in sets.items()}
-
-
-@dataclass
-class ShiftValidation:
-    """A shift's laws (CPT and, for comparison, the schedule law fitted on the same runs), the runs fitted
-    and ``table``: one row per held-out run and eval set."""
-
-    shift: str
-    laws: dict[str, CptLaw]
-    schedule_laws: dict[str, L.ScheduleLaw]
-    fit: list[str]
-    table: pd.DataFrame
-    curves: dict[tuple[str, str], tuple[L.Curve, np.ndarray]] = field(default_factory=dict)
-
-
-def validate_shift(shift: str, fit: Sequence[E.Run], held_out: Sequence[E.Run], frame: pd.DataFrame,
-                   store: RunStore | None = None, open_model: bool = False) -> ShiftValidation:
-    """Fit on ``fit``, predict every run of ``held_out`` found in ``frame``: per run and set, the final
-    loss measured and predicted by both laws, the errors, and for D0 the forgetting and its target."""
-    laws = fit_shift(shift, fit, frame, store, open_model)
-    schedule = {key: L.fit_schedule_law([L.run_curve(r, frame, law.loss_set, store) for r in fit])
-                for key, law in laws.items()}
-    out = ShiftValidation(shift, laws, schedule, [f"{r.experiment}/{r.name}" for r in fit], pd.DataFrame())
-    rows = []
-    for run in held_out:
-        try:
-            base_d0 = L.run_curve(run.needs[0], frame, paper.D0, store).loss[-1]
-            curves = {key: L.run_curve(run, frame, law.loss_set, store) for key, law in laws.items()}
-        except ValueError:
-            continue  # not in the frame: not trained
-        for key, curve in curves.items():
-            if not len(curve.steps):
-                continue
-            predicted = laws[key].loss(curve.lr, curve.start, curve.steps, replay_of(run))
-            out.curves[(curve.run, key)] = (curve, predicted)
-            rows.append(_row(shift, key, curve, predicted, schedule[key], base_d0))
-    out.table = pd.DataFrame(rows)
-    return out
-
-
-def _row(shift: str, key: str, curve: L.Curve, predicted: np.ndarray, schedule: L.ScheduleLaw,
-         base_d0: float) -> dict[str, object]:
-    """One row of the held-out table (see ``validate_shift``)."""
-    measured = float(curve.loss[-1])
-    old = float(schedule.loss(curve.lr, curve.steps[-1:])[0])
-    row = {"shift": shift, "run": curve.run, "set": f"{key} ({curve.loss_set})", "measured": measured,
-           "predicted": float(predicted[-1]), "error %": 100 * (predicted[-1] - measured) / measured,
-           "mean error %": 100 * float(np.mean(np.abs(predicted - curve.loss) / curve.loss)),
-           "schedule law": old, "schedule law error %": 100 * (old - measured) / measured}
-    if key == "D1":
-        row["target"] = f"|error| <= {100 * D1_TOLERANCE:g}%"
-        row["met"] = bool(abs(row["error %"]) <= 100 * D1_TOLERANCE)
-    else:
-        forgetting = measured - base_d0
-        tolerance = max(D0_TOLERANCE[0], D0_TOLERANCE[1] * abs(forgetting))
-        row.update({"forgetting": forgetting, "predicted forgetting": float(predicted[-1]) - base_d0,
-                    "target": f"|forgetting error| <= {tolerance:.3f}",
-                    "met": bool(abs(predicted[-1] - measured) <= tolerance)})
-    return row
-
-
-def judge(table: pd.DataFrame) -> pd.DataFrame:
-    """Per shift and set: held-out runs, how many met the target, and whether >= ``TARGET_SHARE`` did."""
-    if table.empty:
-        return pd.DataFrame(columns=["runs", "met", "share", "target met"])
-    grouped = table.groupby(["shift", "set"])["met"]
-    out = pd.DataFrame({"runs": grouped.size(), "met": grouped.sum().astype(int)})
-    out["share"] = out["met"] / out["runs"]
-    out["target met"] = out["share"] >= TARGET_SHARE
-    return out
-
-
-def params_table(laws: dict[str, dict[str, CptLaw]]) -> pd.DataFrame:
-    """One row per shift and set: the fitted parameters, lambda and the rmse of the fit."""
-    rows = {(shift, f"{key} ({law.loss_set})"): {**law.params, "lambda": law.lam, "rmse": law.rmse,
-                                                 "points": law.n_points}
-            for shift, pair in laws.items() for key, law in pair.items()}
-    table = pd.DataFrame.from_dict(rows, orient="index")
-    table.index.names = ["shift", "set"]
-    return table
-
-
-def validate_frame(frame: pd.DataFrame, scale: str | Scale = "tiny", device: str = "auto",
-                   store: RunStore | None = None, open_model: bool = False) -> dict[str, ShiftValidation]:
-    """``validate_shift`` for each shift whose fit runs are in ``frame`` (others left out)."""
-    out = {}
-    for shift in paper.SHIFTS:
-        fit, held = shift_runs(shift, scale, device)
-        try:
-            out[shift] = validate_shift(shift, fit, held, frame, store, open_model)
-        except ValueError:
-            continue
-    return out
-
-
-# -- the planner -------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Plan:
-    """The planner's choice: replay fraction, peak LR, and the final D0 / D1 losses the laws predict."""
-
-    replay: float
-    max_lr: float
-    d0: float
-    d1: float
-    base_d0: float  # the D0 law's loss at the switch (the base model's)
-    objective: float
-
-    @property
-    def d0_rise(self) -> float:
-        return self.d0 - self.base_d0
-
-
-def stage_history(base: E.Run, scale: str | Scale, max_lr: float, tokens: int | None = None,
-                  store: RunStore | None = None, schedule: dict | None = None) -> tuple[np.ndarray, int]:
-    """(LR history, switch): ``base``'s history followed by a continual stage of ``tokens`` (default the
-    scale's B1) with the scale's warmup + cosine at ``max_lr`` (or ``schedule``)."""
-    s = get_scale(scale)
-    pt = L.lr_history(base, store)
-    steps = (tokens or s.new_tokens) // (s.batch_size * s.seq_len)
-    spec = schedule or E.lr_schedule(s, max_lr=max_lr)
-    return np.concatenate([pt, sched.lr_values([(spec, steps)])]), len(pt)
-
-
-def plan(laws: dict[str, CptLaw], base: E.Run, scale: str | Scale, w0: float = 1.0, w1: float = 1.0,
-         tokens: int | None = None, fractions: Sequence[float] = REPLAY_GRID,
-         lr_factors: Sequence[float] = LR_FACTORS, store: RunStore | None = None) -> Plan:
-    """The replay fraction (of ``fractions``) and peak LR (``lr_factors`` x the scale's) whose final
-    w0 L_D0 + w1 L_D1, as ``laws`` predict, is least, for a stage of ``tokens`` from ``base``."""
-    if w0 < 0 or w1 < 0 or w0 + w1 <= 0:
-        raise ValueError(f"weights: w0 and w1 must be >= 0 and not both 0, got {w0}, {w1}")
-    s, best = get_scale(scale), None
-    r = np.asarray(fractions, dtype=float)
-    for factor in lr_factors:
-        lr, switch = stage_history(base, s, s.max_lr * factor, tokens, store)
-        end = np.full(len(r), len(lr))
-        d0, d1 = laws["D0"].loss(lr, switch, end, r), laws["D1"].loss(lr, switch, end, r)
-        i = int(np.argmin(w0 * d0 + w1 * d1))
-        if best is None or w0 * d0[i] + w1 * d1[i] < best.objective:
-            base_d0 = float(laws["D0"].loss(lr, switch, [switch])[0])
-            best = Plan(float(r[i]), s.max_lr * factor, float(d0[i]), float(d1[i]), base_d0,
-                        float(w0 * d0[i] + w1 * d1[i]))
-    return best
-
-
-def cheapest_replay(laws: dict[str, CptLaw], base: E.Run, scale: str | Scale, bound: float,
-                    max_lr: float | None = None, tokens: int | None = None,
-                    fractions: Sequence[float] = REPLAY_GRID, store: RunStore | None = None) -> Plan | None:
-    """The smallest replay fraction whose predicted final D0 rises at most ``bound`` nats over the base
-    model's, at ``max_lr`` (default the scale's); None if none of ``fractions`` keeps it."""
-    if not bound >= 0:
-        raise ValueError(f"bound: must be >= 0 nats, got {bound}")
-    s = get_scale(scale)
-    for r in sorted(fractions):
-        p = plan(laws, base, s, 1.0, 0.0, tokens, [r], [(max_lr or s.max_lr) / s.max_lr], store)
-        if p.d0_rise <= bound:
-            return Plan(p.replay, p.max_lr, p.d0, p.d1, p.base_d0, p.d0)
-    return None
-
-
-def planner_verdict(laws: dict[str, CptLaw], base: E.Run, sweep: pd.Series, scale: str | Scale,
-                    w0: float = 1.0, w1: float = 1.0, store: RunStore | None = None) -> dict[str, object]:
-    """Is the planner's replay fraction (at the scale's max LR, as the sweep, and within the sweep's range
-    of fractions) within one step of the sweep's measured best? ``sweep``: measured w0 D0 + w1 D1 per
-    replay fraction (index)."""
-    fractions = sorted(float(f) for f in sweep.index)
-    best = float(sweep.idxmin())
-    grid = [r for r in REPLAY_GRID if fractions[0] <= r <= fractions[-1]]
-    chosen = plan(laws, base, scale, w0, w1, fractions=grid, lr_factors=(1.0,), store=store).replay
-    i = fractions.index(best)
-    low, high = fractions[max(i - 1, 0)], fractions[min(i + 1, len(fractions) - 1)]
-    return {"weights": f"w0 {w0:g}, w1 {w1:g}", "measured best": best, "planner": chosen,
-            "one step": f"{low:g} .. {high:g}", "within": bool(low <= chosen <= high)}
-
-
-# -- laws for the run launcher -----------------------------------------------------------------------
-
-def predict_run(laws: dict[str, CptLaw], run: E.Run,
-                store: RunStore | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """"D0" / "D1" -> (tokens, predicted loss) after every step of the continual ``run``'s own stage."""
-    lr = L.lr_history(run, store)
-    switch = len(lr) - sum(L.stage_steps(run.config))
-    steps = np.arange(switch + 1, len(lr) + 1)
-    t = run.config.train
-    return {key: (steps * t.batch_size * t.seq_len, law.loss(lr, switch, steps, replay_of(run)))
-            for key, law in laws.items()}
-
-
-def launcher_laws(shift: str, store: RunStore, scale: str | Scale,
-                  device: str = "auto") -> tuple[dict[str, CptLaw], str]:
-    """The laws of ``shift`` fitted on the store's ``FIT_RUNS`` of ``scale`` and their base model, with a
-    note naming them; ({}, why) when the store lacks one of them finished."""
-    fit, _ = shift_runs(shift, scale, device)
-    needed = [*fit, fit[0].needs[0]]
-    missing = [f"{r.experiment}/{r.name}" for r in needed if not store.is_done(r.experiment, r.run_id)]
-    if missing:
-        return {}, f"the continual-pre-training law needs the finished runs {', '.join(missing)}"
-    laws = fit_shift(shift, fit, load_runs(needed, store), store)
-    return laws, f"continual-pre-training law fitted on {', '.join(f'{r.experiment}/{r.name}' for r in fit)}"
-
-
-# -- the study of a scale (notebook 09_predict, REPORT.md) --------------------------------------------
-
-@dataclass
-class Study:
-    """The law validated per shift (with the base model's history and as an open model without it), the
-    planner's verdicts, and the tables that REPORT.md and notebook 09_predict show."""
-
-    validations: dict[str, ShiftValidation]
-    open_validations: dict[str, ShiftValidation]
-    verdicts: pd.DataFrame
-
-    def held_out(self) -> pd.DataFrame:
-        parts = [v.table for v in self.validations.values() if not v.table.empty]
-        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-
-    def params(self) -> pd.DataFrame:
-        return params_table({shift: v.laws for shift, v in self.validations.items()})
-
-    def open_models(self) -> pd.DataFrame:
-        """Per shift and set: S1pt fitted without the base's history against the history's, and the
-        held-out errors of both fits."""
-        rows = {}
-        for shift, v in self.open_validations.items():
-            full = self.validations.get(shift)
-            if full is None or v.table.empty or full.table.empty:
-                continue
-            for key, law in v.laws.items():
-                known = full.laws[key]
-                lr, switch = _any_history(full, key)
-                mine, theirs = v.table[v.table["set"].str.startswith(key)], full.table
-                theirs = theirs[theirs["set"].str.startswith(key)]
-                rows[(shift, f"{key} ({law.loss_set})")] = {
-                    "S1pt fitted": law.params["S1pt"],
-                    "S1pt of the history": float(lr[:switch].sum() / known.lr_ref),
-                    "|error| % open": float(mine["error %"].abs().mean()),
-                    "|error| % with history": float(theirs["error %"].abs().mean()),
-                    "met open": f"{int(mine['met'].sum())}/{len(mine)}",
-                    "met with history": f"{int(theirs['met'].sum())}/{len(theirs)}"}
-        table = pd.DataFrame.from_dict(rows, orient="index")
-        if len(table):
-            table.index.names = ["shift", "set"]
-        return table
-
-
-def _any_history(v: ShiftValidation, key: str) -> tuple[np.ndarray, int]:
-    """The LR history and switch of one of ``v``'s held-out runs (they share the base model's)."""
-    curve, _ = next(c for (_, k), c in v.curves.items() if k == key)
-    return curve.lr, curve.start
-
-
-def sweep_objective(shift: str, frame: pd.DataFrame, scale: str | Scale = "tiny", device: str = "auto",
-                    w0: float = 1.0, w1: float = 1.0, store: RunStore | None = None) -> pd.Series:
-    """Measured w0 D0 + w1 D1 at the last evaluation of each replay fraction of ``shift``'s sweep (seed 0)
-    found in ``frame``."""
-    out = {}
-    for run in E.replay_sweep(shift, scale, (0,), device):
-        if run.labels.get("role") != "continual":
-            continue
-        try:
-            d0, d1 = (L.run_curve(run, frame, name, store).loss[-1] for name in (paper.D0, run.labels["d1"]))
-        except (ValueError, IndexError):
-            continue
-        out[replay_of(run)] = w0 * d0 + w1 * d1
-    return pd.Series(out, dtype=float).sort_index()
-
-
-def study(frame: pd.DataFrame, scale: str | Scale = "tiny", device: str = "auto",
-          store: RunStore | None = None, w0: float = 1.0, w1: float = 1.0) -> Study:
-    """Validate the law on every shift in ``frame`` (with and without the base's history) and judge the
-    planner's replay fraction against the replay sweep for weights ``w0``, ``w1``."""
-    full = validate_frame(frame, scale, device, store)
-    opened = validate_frame(frame, scale, device, store, open_model=True)
-    rows = {}
-    for shift, v in full.items():
-        sweep = sweep_objective(shift, frame, scale, device, w0, w1, store)
-        if len(sweep) >= 2:
-            base = shift_runs(shift, scale, device)[0][0].needs[0]
-            rows[shift] = planner_verdict(v.laws, base, sweep, scale, w0, w1, store)
-    verdicts = pd.DataFrame.from_dict(rows, orient="index")
-    verdicts.index.name = "shift"
-    return Study(full, opened, verdicts)

@@ -77,18 +77,31 @@ def lr_history(run: E.Run | RunConfig, store: RunStore | None = None, until: str
     run's history at the end of the stage it names, found among ``run.needs`` or else in ``store``; a stage
     from ``scratch`` starts the history again. A stage from a checkpoint file is a ``ValueError``: the LR
     history of the model it holds is unknown."""
+    return _history(run, store, until,
+                    lambda stage, steps: sched.lr_values([(stage.schedule.to_spec(), steps)]))
+
+
+def replay_history(run: E.Run | RunConfig, store: RunStore | None = None) -> np.ndarray:
+    """The fraction of each optimizer step's batch that replays earlier data, over ``run``'s history as
+    ``lr_history`` walks it (0 for a stage without replay)."""
+    return _history(run, store, None,
+                    lambda stage, steps: np.full(steps, stage.replay.fraction if stage.replay else 0.0))
+
+
+def _history(run: E.Run | RunConfig, store: RunStore | None, until: str | None, values) -> np.ndarray:
+    """``values(stage, steps)`` of every stage of ``run``'s history, concatenated (see ``lr_history``)."""
     config = run.config if isinstance(run, E.Run) else run
     history = np.zeros(0)
     for i, (stage, steps) in enumerate(zip(config.stages, stage_steps(config))):
         start = stage.init_from
         if isinstance(start, RunRef):
-            history = lr_history(_parent(run, start, store), store, until=start.stage)
+            history = _history(_parent(run, start, store), store, start.stage, values)
         elif start == "scratch" or (i == 0 and start == "previous"):
             history = np.zeros(0)
         elif start != "previous":
             raise ValueError(f"stages[{i}].init_from: {start!r} is a checkpoint file; the law needs the LR "
                              "history of the model it holds, so start from a run of the store")
-        history = np.concatenate([history, sched.lr_values([(stage.schedule.to_spec(), steps)])])
+        history = np.concatenate([history, values(stage, steps)])
         if len(history) > MAX_STEPS:
             raise ValueError(f"steps: the law takes at most {MAX_STEPS:,} steps, got {len(history):,}")
         if stage.name == until:

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cptlab.analysis import cpt_law as CPT
+from cptlab.analysis import cpt_law
+from cptlab.analysis import cpt_validation as CPT
 from cptlab.analysis import findings as F
 from cptlab.analysis import laws as L
 from cptlab.analysis import metrics as M
@@ -207,7 +208,7 @@ def _predictions_section(res: T.Results, figures: list[Path], out_dir: Path) -> 
     return lines + [""]
 
 
-CPT_EXPERIMENTS = ("base", "replay", "max_lr", "warmup")  # where cpt_law's runs are
+CPT_EXPERIMENTS = ("base", "replay", "max_lr", "warmup", "modern")  # where cpt_validation's runs are
 
 
 def _cpt_law_lines(res: T.Results) -> list[str]:
@@ -219,15 +220,20 @@ def _cpt_law_lines(res: T.Results) -> list[str]:
     lines = ["### Forgetting predicted before training", "",
              "The continual-pre-training law of Wang, Tissue et al. (arXiv 2505.07796, Eq. 4, with a replay "
              "term B exp(-kappa r)), fitted per shift and eval set on three continual runs "
-             f"({', '.join(f.format(shift='<shift>') for f in CPT.FIT_RUNS)}) and their base model's "
-             "history, asked about every other continual run of the shift (`cptlab.analysis.cpt_law`, "
-             "notebook `09_predict`). Targets: final D1 within 1%; D0's forgetting within max(0.02 nats, 15% "
-             "of it); on at least 80% of the held-out runs. `schedule law`: the schedule law fitted on the "
-             "same three runs.", ""]
+             f"({', '.join(f.format(shift='<shift>') for f in cpt_law.FIT_RUNS)}) and their base model's "
+             "history, asked about every other continual run of the shift from that base model, today's "
+             "recipes included (`cptlab.analysis.cpt_validation`, notebook `09_predict`). Targets: final D1 "
+             f"within {100 * CPT.D1_TOLERANCE:g}%; D0's forgetting within max({CPT.D0_TOLERANCE[0]:g} nats, "
+             f"{100 * CPT.D0_TOLERANCE[1]:g}% of it); on at least {100 * CPT.TARGET_SHARE:g}% of the "
+             "held-out runs. `schedule law`: the schedule law fitted on the same three runs.", ""]
     if st is None or st.held_out().empty:
         return lines + ["not run", ""]
     judged = CPT.judge(st.held_out())
     lines += [md_table(st.params()), "", md_table(st.held_out()), "", md_table(judged), ""]
+    outside = {run: why for v in st.validations.values() for run, why in v.outside.items()}
+    if outside:
+        named = "; ".join(f"{run} ({why})" for run, why in outside.items())
+        lines += [f"Outside the law (not predicted): {named}.", ""]
     missed = [f"{shift} {name}" for shift, name in judged.index[~judged["target met"]]]
     lines += ["**Targets met** on every shift and set." if not missed else
               f"**Targets not met** for: {', '.join(missed)}.", "",

@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from cptlab.analysis import cpt_law, laws
+from cptlab.analysis import cpt_law, cpt_plan, laws
 from cptlab.interop import pretrained
 from cptlab.study import experiments as E
 from cptlab.study import paper, runner
@@ -92,12 +92,12 @@ class RunLauncher:
 
     Before Train, the figure shows the D0 and D1 losses predicted for the run, dashed (``prediction``:
     "D0" / "D1" -> (tokens, loss)): by the continual-pre-training law (``cptlab.analysis.cpt_law``) where
-    the run store holds the shift's three fit runs finished (``cpt_law.launcher_laws``), else by the
+    the run store holds the shift's three fit runs finished (``cpt_plan.launcher_laws``), else by the
     schedule law fitted on the store's finished runs that continue the same base model on the same data,
     at the same replay fraction or else the nearest (``laws.launcher_fit_runs``); ``prediction_text``
     names the law and its runs, or says why there is no prediction. The live curves then land on it or
     off it. "suggest" (``suggest_button``) fills in the replay fraction and max LR (cosine) that the
-    planner (``cpt_law.plan``) predicts best for ``d0_weight`` on D0 and the rest on D1 (``plan``,
+    planner (``cpt_plan.plan``) predicts best for ``d0_weight`` on D0 and the rest on D1 (``plan``,
     ``plan_text``).
     """
 
@@ -134,7 +134,7 @@ class RunLauncher:
                                        tooltip="fill in the replay fraction and max LR that the continual-"
                                        "pre-training law predicts best for these weights of D0 and D1")
         self.plan_text = W.HTML()
-        self.plan: cpt_law.Plan | None = None
+        self.plan: cpt_plan.Plan | None = None
         self.image = W.Image(format="png", layout=W.Layout(width="720px"))
         self.figure = Figure(figsize=(9.0, 4.0))
         self.lines: dict[str, Line2D] = {}
@@ -373,7 +373,7 @@ class RunLauncher:
         cpt, note = self._cpt_laws()
         if cpt and run.needs:
             try:
-                self.prediction = cpt_law.predict_run(cpt, run, self.store)
+                self.prediction = cpt_plan.predict_run(cpt, run, self.store)
                 self.prediction_text.value = html.escape(f"predicted (dashed): {note}")
                 return
             except ValueError as exc:
@@ -401,7 +401,7 @@ class RunLauncher:
         key = (self.scale.value, self.shift.value, self.device.value)
         if key not in self._cpt_fits or not self._cpt_fits[key][0]:
             try:
-                self._cpt_fits[key] = cpt_law.launcher_laws(key[1], self.store, key[0], key[2])
+                self._cpt_fits[key] = cpt_plan.launcher_laws(key[1], self.store, key[0], key[2])
             except ValueError as exc:
                 self._cpt_fits[key] = ({}, str(exc))
         return self._cpt_fits[key]
@@ -416,7 +416,7 @@ class RunLauncher:
         w0 = self.d0_weight.value
         base = E.base_run(self.scale.value, device=self.device.value)
         tokens = int(self.schedule.tokens_per_stage.value)
-        self.plan = p = cpt_law.plan(cpt, base, self.scale.value, w0, 1 - w0, tokens, store=self.store)
+        self.plan = p = cpt_plan.plan(cpt, base, self.scale.value, w0, 1 - w0, tokens, store=self.store)
         with self.schedule.hold():
             self.schedule.kind.value = "cosine"
             self.schedule.max_lr.value = p.max_lr

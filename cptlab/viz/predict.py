@@ -11,7 +11,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from cptlab.analysis import cpt_law as CPT
+from cptlab.analysis import cpt_validation as CPT
 from cptlab.analysis import laws as L
 from cptlab.analysis import replay_law as R
 from cptlab.viz import common as C
@@ -64,7 +64,7 @@ def plot_predictions(validation: L.Validation, families: Sequence[str] | None = 
 
 def plot_cpt_predictions(validation: CPT.ShiftValidation, axes: C.AxesArg = None,
                          title: str | None = None) -> Figure:
-    """A shift's continual-pre-training law (``cpt_law.validate_shift``): per eval set (D0, D1) every
+    """A shift's continual-pre-training law (``cpt_validation.validate_shift``): per eval set (D0, D1) every
     held-out run's measured loss (solid, its evaluations as dots) and the law's prediction at those
     evaluations (dashed, same colour)."""
     fig, panels, own = C.panels(axes, 2, (16.0, 5.0))
