@@ -6,11 +6,13 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder that holds cptlab/
 NOTEBOOK_DIR = PACKAGE_ROOT / "notebooks"
+NOTEBOOK_SLOTS = 2  # notebooks executed side by side after the runs (their kernels mostly plot and fit laws)
 
 
 def notebook_parameters(path: Path) -> dict[str, Any]:
@@ -38,7 +40,8 @@ def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device
     across notebooks; the notebooks then find their runs in the store; ``out`` gets runs_summary.md/.json.
     ``deadline``: seconds from now after which no run starts (the runs still training are stopped; the
     experiments' priority, ``scheduler.PRIORITY``, decides which start first); the notebooks and report
-    use the runs that finished. ``cluster``: the runs train on Ray (``runner.run_all``'s options)."""
+    use the runs that finished. After runs trained up front, ``NOTEBOOK_SLOTS`` notebooks run side by
+    side. ``cluster``: the runs train on Ray (``runner.run_all``'s options)."""
     called = time.time()  # the deadline counts from the call, not from after the imports (torch: seconds)
     from cptlab.study.runner import DEADLINE_ENV
 
@@ -54,16 +57,9 @@ def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device
     if not notebooks and prefetch:
         failed += _prefetch(scale, device, out, workers, deadline, cluster_options)
     runs_s = time.perf_counter() - total_start
-    for path in paths:
-        defaults = parameters[path]
-        shifts = ["weak", "strong"] if "shift" in defaults and "shift" not in (params or {}) else [None]
-        for shift in shifts:
-            name = path.stem + (f"-{shift}" if shift else "")
-            values = {"scale": scale, "device": device, "out_dir": str(out / name), **(params or {})}
-            if shift:
-                values["shift"] = shift
-            if not _execute(path, out / f"{name}.ipynb", {k: v for k, v in values.items() if k in defaults}):
-                failed.append(name)
+    groups = [_notebook_runs(path, parameters[path], scale, device, out, params) for path in paths]
+    side_by_side = not notebooks and prefetch and (os.cpu_count() or 1) > 1  # their runs trained up front
+    failed += _execute_groups(groups, NOTEBOOK_SLOTS if side_by_side else 1)
     notebooks_s = time.perf_counter() - total_start - runs_s
     print(f"[batch] {len(failed)} failed of the notebooks run, {time.perf_counter() - total_start:.0f}s "
           f"in all; executed notebooks in {out}", flush=True)
@@ -165,6 +161,34 @@ def _cluster_options(cluster: str | None, store: str, keep_checkpoints: str,
         raise ConfigError("--workers: not with --cluster (the cluster's resources say how many runs train "
                           "side by side)")
     return {"cluster": cluster, "store_mode": store, "keep_checkpoints": keep_checkpoints}
+
+
+def _notebook_runs(path: Path, defaults: dict[str, Any], scale: str, device: str, out: Path,
+                   params: dict[str, Any] | None) -> list[tuple[Path, Path, dict[str, Any]]]:
+    """(notebook, executed copy, parameters) of each execution of ``path``: one per shift where it takes
+    ``shift`` and ``params`` do not fix it, else one."""
+    shifts = ["weak", "strong"] if "shift" in defaults and "shift" not in (params or {}) else [None]
+    executions = []
+    for shift in shifts:
+        name = path.stem + (f"-{shift}" if shift else "")
+        values = {"scale": scale, "device": device, "out_dir": str(out / name), **(params or {})}
+        if shift:
+            values["shift"] = shift
+        executions.append((path, out / f"{name}.ipynb", {k: v for k, v in values.items() if k in defaults}))
+    return executions
+
+
+def _execute_groups(groups: list[list[tuple[Path, Path, dict[str, Any]]]], slots: int) -> list[str]:
+    """Execute the notebooks of ``groups``, ``slots`` groups side by side (threads: each notebook runs in
+    its own kernel process) and the executions of one group in turn (the shifts of one notebook share its
+    files, e.g. notebook 10's import); the names of the failed ones, in the groups' order."""
+    def run(group: list[tuple[Path, Path, dict[str, Any]]]) -> list[str]:
+        return [executed.stem for path, executed, values in group if not _execute(path, executed, values)]
+
+    if slots <= 1 or len(groups) <= 1:
+        return [name for group in groups for name in run(group)]
+    with ThreadPoolExecutor(slots) as pool:
+        return [name for names in pool.map(run, groups) for name in names]
 
 
 def _execute(path: Path, executed: Path, parameters: dict[str, Any]) -> bool:
