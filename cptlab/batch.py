@@ -183,8 +183,8 @@ def _notebook_runs(path: Path, defaults: dict[str, Any], scale: str, device: str
 
 def _execute_groups(groups: list[list[tuple[Path, Path, dict[str, Any]]]], slots: int) -> list[str]:
     """Execute the notebooks of ``groups``, ``slots`` groups side by side (threads: each notebook runs in
-    its own kernel process) and the executions of one group in turn (the shifts of one notebook share its
-    files, e.g. notebook 10's import); the names of the failed ones, in the groups' order."""
+    its own kernel process) and the executions of one group in turn (the shifts of a notebook may start
+    from the same runs, and notebook 10's each train on all cores); the failed ones' names, in order."""
     def run(group: list[tuple[Path, Path, dict[str, Any]]]) -> list[str]:
         return [executed.stem for path, executed, values in group if not _execute(path, executed, values)]
 
