@@ -211,8 +211,9 @@ class Study:
 
 
 def _any_history(v: ShiftValidation, key: str) -> tuple[np.ndarray, int]:
-    """The LR history and switch of one of ``v``'s held-out runs (they share the base model's)."""
-    curve, _ = next(c for (_, k), c in v.curves.items() if k == key)
+    """The LR history and switch of a held-out run that starts where the base model ends (the one that
+    starts earliest: a tail starts at its trunk's end)."""
+    curve = min((c for (_, k), (c, _) in v.curves.items() if k == key), key=lambda c: c.start)
     return curve.lr, curve.start
 
 
