@@ -100,7 +100,7 @@ def test_fit_predicts_held_out_runs_of_curves_the_law_generated(store):
     v = V.validate_shift(SHIFT, fit, held, frame_of(store), store, outside=outside)
     assert len(v.table) == 2 * len(held)
     recipes = {r.labels.get("recipe") for r in held}
-    assert {"stable", "decay", "anneal", "microanneal"} <= recipes and not recipes & set(V.OUTSIDE)
+    assert {"stable", "decay", "anneal", "microanneal"} <= recipes and not recipes & set(MR.OUTSIDE_THE_LAWS)
     assert len(outside) == 4  # the merge tail and the three schedule-free runs
     assert set(v.outside) == {f"modern/{r.name}" for r in outside}
     assert v.table["error %"].abs().max() < 0.5 and v.table["met"].all()

@@ -7,9 +7,9 @@ and re-warming ablations, and today's recipes (``study.modern``: the constant-LR
 and anneal tails, the microanneal of the shift's corpus). Targets: final D1 within ``D1_TOLERANCE``; D0's
 forgetting within ``D0_TOLERANCE`` (nats, or a share of the measured forgetting, the larger), on
 ``TARGET_SHARE`` of the held-out runs. The law does not apply to a merge's averaged weights or to
-schedule-free AdamW (its loss is not a function of the LR's areas): those runs are listed as outside it
-(``OUTSIDE``). The three-chunk runs (``infinite``) train from scratch on one corpus: no change of data,
-the schedule law's business.
+schedule-free AdamW (``study.modern.OUTSIDE_THE_LAWS``): those runs are listed as outside it. The
+three-chunk runs (``infinite``) train from scratch on one corpus: no change of data, the schedule law's
+business.
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ from cptlab.training.store import RunStore
 D1_TOLERANCE = 0.01  # relative error of the final D1 loss
 D0_TOLERANCE = (0.02, 0.15)  # nats, or this share of the measured forgetting, whichever is larger
 TARGET_SHARE = 0.8  # of the held-out runs
-OUTSIDE = {"merge": "a merge averages weights: its loss is not the law's function of the LR",
-           "schedule-free": "schedule-free AdamW averages its iterates: the LR's areas do not describe it"}
 
 
 def shift_runs(shift: str, scale: str | Scale = "tiny",
@@ -43,7 +41,7 @@ def shift_runs(shift: str, scale: str | Scale = "tiny",
     s = get_scale(scale)
     runs = [*E.replay_sweep(shift, s, (0,), device), *E.max_lr_ablation(shift, s, device),
             *(E.warmup_ablation(shift, s, device) if shift == "weak" else []),
-            *[r for r in _modern_runs(shift, s, device) if r.labels["recipe"] not in OUTSIDE]]
+            *[r for r in _modern_runs(shift, s, device) if r.labels["recipe"] not in MR.OUTSIDE_THE_LAWS]]
     unique = {r.run_id: r for r in runs if r.labels.get("role") in ("continual", "modern", "microanneal")}
     names = {f.format(shift=shift) for f in C.FIT_RUNS}
     return ([r for r in unique.values() if r.name in names],
@@ -51,8 +49,8 @@ def shift_runs(shift: str, scale: str | Scale = "tiny",
 
 
 def outside_runs(shift: str, scale: str | Scale = "tiny", device: str = "auto") -> list[E.Run]:
-    """The runs of today's recipes on ``shift`` that the law does not describe (``OUTSIDE``)."""
-    return [r for r in _modern_runs(shift, scale, device) if r.labels["recipe"] in OUTSIDE]
+    """The runs of today's recipes on ``shift`` that the law does not describe (``OUTSIDE_THE_LAWS``)."""
+    return [r for r in _modern_runs(shift, scale, device) if r.labels["recipe"] in MR.OUTSIDE_THE_LAWS]
 
 
 def _modern_runs(shift: str, scale: str | Scale, device: str) -> list[E.Run]:
@@ -106,7 +104,7 @@ def validate_shift(shift: str, fit: Sequence[E.Run], held_out: Sequence[E.Run], 
             L.run_curve(run, frame, paper.D0, store)
         except ValueError:
             continue  # not trained
-        out.outside[f"{run.experiment}/{run.name}"] = OUTSIDE[run.labels["recipe"]]
+        out.outside[f"{run.experiment}/{run.name}"] = MR.OUTSIDE_THE_LAWS[run.labels["recipe"]]
     return out
 
 

@@ -266,12 +266,6 @@ def all_questions(res: T.Results, store: RunStore | None = None, device: str = "
 
 # -- what the schedule law predicts ------------------------------------------------------------------------
 
-NOT_A_SCHEDULE = {
-    "merge": "the merged weights are an average of points of the LR history, not a point of it",
-    "schedulefree": "schedule-free AdamW's weights are an average the law's LR history does not describe",
-}
-
-
 def law_plan(scale: str = "tiny", device: str = "auto") -> list[L.Family]:
     """Families for the new schedules: from scratch over three chunks (fitted as the reproduction's, on
     repeated cosine and WSD's constant phase; D2Z and WSD-S held out) and, per shift, continual runs on D1
@@ -296,8 +290,11 @@ def law_table(res: T.Results, device: str = "auto") -> pd.DataFrame:
     table = L.validate(law_plan(res.scale or "tiny", device), frame).table
     if len(table):
         table = table[["family", "trained on", "same data", "final error %", "mean error %"]]
-    rows = [{"run": f"modern/{shift}-{kind}", "law applies": why} for shift in SHIFTS
-            for kind, why in NOT_A_SCHEDULE.items()]
+    scale = res.scale or "tiny"
+    outside = [run for shift in SHIFTS for run in (S.tail_run(shift, "merge", scale, device=device),
+                                                   S.schedule_free_run(shift, scale, device=device))]
+    rows = [{"run": f"modern/{run.name}", "law applies": S.OUTSIDE_THE_LAWS[run.labels["recipe"]]}
+            for run in outside]
     apart = pd.DataFrame(rows).set_index("run")
     return pd.concat([table.assign(**{"law applies": "yes"}), apart]) if len(table) else apart
 

@@ -38,6 +38,11 @@ SOUP_ORDERS = (0, 1, 2)  # data orders (sampler seeds) of the anneals averaged i
 MICRO = 0.1  # of B1: a microanneal's length
 MICRO_SHARE = 0.3  # of a microanneal's sequences from the candidate corpus
 TAILS = ("decay", "merge", "anneal")
+# Recipes (the runs' ``recipe`` label) whose loss no LR-history law describes, and why
+OUTSIDE_THE_LAWS = {
+    "merge": "the merged weights are an average of points of the LR history, not a point of it",
+    "schedule-free": "schedule-free AdamW's weights are an average the law's LR history does not describe",
+}
 
 
 def _whole_batches(s: Scale, tokens: float) -> int:
