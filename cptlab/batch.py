@@ -13,7 +13,6 @@ from typing import Any
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder that holds cptlab/
 NOTEBOOK_DIR = PACKAGE_ROOT / "notebooks"
 NOTEBOOK_SLOTS = 2  # notebooks executed side by side after the runs (their kernels mostly plot and fit laws)
-TRAIN_THEIR_OWN = ("10_your_model",)  # train runs the batch cannot train up front: started first
 
 
 def notebook_parameters(path: Path) -> dict[str, Any]:
@@ -59,8 +58,6 @@ def run_batch(notebooks: list[str] | None = None, *, scale: str = "tiny", device
         failed += _prefetch(scale, device, out, workers, deadline, cluster_options)
     runs_s = time.perf_counter() - total_start
     side_by_side = not notebooks and prefetch and (os.cpu_count() or 1) > 1  # their runs trained up front
-    if side_by_side:  # the longest first: the others fill the second slot meanwhile
-        paths = sorted(paths, key=lambda path: path.stem not in TRAIN_THEIR_OWN)
     groups = [_notebook_runs(path, parameters[path], scale, device, out, params) for path in paths]
     failed += _execute_groups(groups, NOTEBOOK_SLOTS if side_by_side else 1)
     notebooks_s = time.perf_counter() - total_start - runs_s
