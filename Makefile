@@ -29,8 +29,10 @@ lint: install
 	$(VENV)/bin/ruff check cptlab tests benchmarks scripts
 	$(VENV)/bin/lint-imports
 
+# the suite in TEST_WORKERS pytest-xdist processes (auto: one per core), a test file per process at a time
+TEST_WORKERS ?= auto
 test: lint
-	$(PY) -m pytest tests --nbmake notebooks -q
+	$(PY) -m pytest tests --nbmake notebooks -q -n $(TEST_WORKERS) --dist loadfile
 
 reproduce: install
 	$(VENV)/bin/cptlab batch --scale $(SCALE) --out $(OUT)
