@@ -5,10 +5,12 @@
         [--threads N] [--workers N] [--malloc tuned|asis] [--compile]
         [--reference-attention sdpa|manual] [--no-reference] [--device cpu] [--json]
         [--scale small] [--processes N] [--out FILE.json] [--baseline GIT_REF] [--no-peak]
-        [--family gpt-neox|llama [--n-kv-head N] [--intermediate-size N]]
+        [--family gpt-neox|llama [--n-kv-head N] [--intermediate-size N]] [--profile N]
     # the tiny step as the runner trains it (one thread) against main's step, alternated in one process
     .venv/bin/python benchmarks/throughput.py --scale tiny --threads 1 --no-reference --no-peak \
         --baseline main
+    # where the tiny step's time goes: operators' own CPU time over 10 profiled steps, by kind
+    .venv/bin/python benchmarks/throughput.py --scale tiny --threads 1 --no-reference --no-peak --profile 10
     # a Llama-shaped model of the same width
     .venv/bin/python benchmarks/throughput.py --family llama --no-reference --no-peak
     # on a GPU: one run of a scale, then as many side by side as `cptlab batch` would train (0: its choice)
@@ -36,7 +38,10 @@ On CUDA, MFU is also given against the GPU's dense bf16 tensor-core peak from NV
 (``DENSE_BF16_PEAKS``, named in the output; an unknown GPU is said to be unknown). ``--scale`` takes the
 model and batch shapes of that scale's base run. ``--processes N`` then runs N copies of the measurement
 side by side (as ``cptlab batch`` trains runs; 0: ``runner.default_workers`` for the scale's runs) and
-reports their tokens/s, FLOP/s and MFU together. ``--out`` writes the JSON to a file. ``--baseline REF``
+reports their tokens/s, FLOP/s and MFU together. ``--profile N`` then runs N more lab steps under
+``torch.profiler`` and splits each step's CPU time by kind of operator (``profile_split``: matmuls,
+attention, softmax and loss, norms and activations, copies, optimizer, the rest) with the costliest
+operators. ``--out`` writes the JSON to a file. ``--baseline REF``
 also times the step of git revision REF's ``model.py`` and ``runtime.py`` (eager), alternating with the
 lab's step in rounds, from the same seed on the same batches: the speed-up over it, and whether the final
 losses are identical (a change that keeps every number) or not.
@@ -375,6 +380,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--processes", type=int, default=None,
                    help="then measure N copies side by side (0: as many as cptlab batch would train)")
     p.add_argument("--out", help="also write the JSON to this file")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="then profile N lab steps (torch.profiler) and split a step's time by operator kind")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one of --processes' copies
     p.add_argument("--barrier", help=argparse.SUPPRESS)  # a copy's start line: a folder (see side_by_side)
     args = p.parse_args(argv)
@@ -484,6 +491,12 @@ def main(argv: list[str] | None = None) -> dict:
             f"minor page faults per step: {out['reference_minor_faults_per_step']:.0f} "
             f"(system CPU time {out['reference_sys_ms_per_step']:.1f} ms per step)")
         say(f"speed-up over the reference: {out['speedup']:.2f}x best, {out['speedup_median']:.2f}x median")
+    if args.profile > 0:
+        out["profile"] = profile_split(lab_step, args.profile)
+        say(f"profile ({args.profile} steps, operators' own CPU time per step): " + ", ".join(
+            f"{kind} {ms:.1f} ms" for kind, ms in out["profile"]["ms_per_step"].items()))
+        say("  costliest operators (ms per step): " + ", ".join(
+            f"{name} {ms:.1f}" for name, ms in out["profile"]["top"]))
     if device.type == "cuda":
         out.update(gpu_peak(torch.cuda.get_device_name(device), out["flops_per_s"]))
         say(f"  GPU {out['gpu']}: {gpu_peak_line(out)}")
@@ -502,6 +515,37 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         print(json.dumps(out))
     return out
+
+
+# Operator kinds for --profile, by the first pattern found in the operator's name (lower case)
+PROFILE_KINDS = (
+    ("attention", ("scaled_dot_product", "flash_attention", "blockedcausalattention")),
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+    ("softmax + loss", ("softmax", "nll_loss", "gather", "scatter", "aten::log", "fusedheadloss")),
+    ("norm + activation", ("layer_norm", "rms_norm", "gelu", "silu", "aten::tanh")),
+    ("copies", ("aten::copy_", "aten::clone", "aten::contiguous", "aten::fill_", "aten::zero_")),
+    ("optimizer", ("adam", "optimizer", "clip", "norm", "aten::_foreach")),
+)
+
+
+def profile_split(step, steps: int, top: int = 8) -> dict:
+    """Run ``steps`` calls of ``step`` under ``torch.profiler`` (CPU): each operator's own time per step,
+    summed by kind (``PROFILE_KINDS``; the rest is ``other``), and the ``top`` costliest operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    own = {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}  # ms per step
+    split = {kind: 0.0 for kind, _ in PROFILE_KINDS} | {"other": 0.0}
+    for name, ms in own.items():
+        low = name.lower()
+        kind = next((k for k, pats in PROFILE_KINDS if any(p in low for p in pats)), "other")
+        split[kind] += ms
+    costliest = sorted(own.items(), key=lambda kv: -kv[1])[:top]
+    return {"steps": steps, "ms_per_step": {k: round(v, 2) for k, v in split.items()},
+            "total_ms_per_step": round(sum(own.values()), 2),
+            "top": [(name, round(ms, 2)) for name, ms in costliest]}
 
 
 def baseline_figures(args: argparse.Namespace, timers: dict[str, Timer], base_state: dict,

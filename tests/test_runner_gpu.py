@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from cptlab import batch, cli
 from cptlab.config import ConfigError
@@ -198,6 +199,45 @@ def test_dense_bf16_peak_and_mfu():
     assert unknown["peak_dense_bf16"] is None and "unknown GPU" in bench.gpu_peak_line(unknown)
     known = bench.gpu_peak("NVIDIA H200", 98.9e12)
     assert known["mfu_dense_bf16"] == pytest.approx(0.1) and "NVIDIA H200 SXM" in bench.gpu_peak_line(known)
+
+
+def test_profile_splits_a_step_by_operator_kind():
+    bench = _throughput()
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 16)
+    x = torch.randn(8, 4, 16)
+
+    def step():
+        h = torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True)
+        torch.nn.functional.gelu(lin(h)).sum().backward()
+
+    split = bench.profile_split(step, steps=2, top=3)
+    ms = split["ms_per_step"]
+    assert set(ms) == {kind for kind, _ in bench.PROFILE_KINDS} | {"other"}
+    assert ms["attention"] > 0 and ms["matmul"] > 0 and ms["norm + activation"] > 0
+    assert ms["optimizer"] == 0.0  # no optimizer stepped
+    assert sum(ms.values()) == pytest.approx(split["total_ms_per_step"], abs=0.05)
+    assert len(split["top"]) == 3 and split["top"][0][1] >= split["top"][-1][1]
+
+
+def test_step_parts_lists_every_matmul_of_the_step():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_parts.py"
+    spec = importlib.util.spec_from_file_location("step_parts_bench", path)
+    parts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(parts)
+    rows, d, ff, vocab, n_layer = 256, 48, 192, 1024, 2
+    shapes = parts.step_matmuls(rows, d, ff, vocab, n_layer)
+    flops = sum(2 * m * k * n * count for _, m, k, n, count in shapes)
+    weights = n_layer * (d * 3 * d + d * d + 2 * d * ff) + d * vocab  # every Linear's and the head's
+    assert flops == 6 * rows * weights  # forward 2, backward 4 FLOPs per weight and row
+    variants = parts.attention_variants(2, 4, 32, 12)
+    assert list(variants) == ["sdpa (flash kernel)", "sdpa, head padded to 16", "blocked, 32 rows",
+                              "blocked, 16 rows"]  # blocks no longer than the sequence
+    for run in variants.values():
+        run()
 
 
 def test_in_process_deadline_stops_the_run_resumably(tmp_path):
