@@ -174,19 +174,20 @@ def test_batch_passes_workers_and_deadline(tmp_path, monkeypatch):
         batch.run_batch(scale="smoke", out=tmp_path, workers=0)
 
 
-def _throughput():
+def _benchmark(name: str = "throughput"):
+    """``benchmarks/<name>.py`` loaded as a module (the scripts are not a package)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
-    spec = importlib.util.spec_from_file_location("throughput_bench", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_dense_bf16_peak_and_mfu():
-    bench = _throughput()
+    bench = _benchmark()
     assert bench.dense_bf16_peak("NVIDIA H200") == ("NVIDIA H200 SXM", 989e12)
     assert bench.dense_bf16_peak("NVIDIA H100 80GB HBM3") == ("NVIDIA H100 SXM", 989e12)
     assert bench.dense_bf16_peak("NVIDIA H100 PCIe")[1] == 756e12
@@ -202,7 +203,7 @@ def test_dense_bf16_peak_and_mfu():
 
 
 def test_profile_splits_a_step_by_operator_kind():
-    bench = _throughput()
+    bench = _benchmark()
     torch.manual_seed(0)
     lin = torch.nn.Linear(16, 16)
     x = torch.randn(8, 4, 16)
@@ -221,13 +222,7 @@ def test_profile_splits_a_step_by_operator_kind():
 
 
 def test_step_parts_lists_every_matmul_of_the_step():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_parts.py"
-    spec = importlib.util.spec_from_file_location("step_parts_bench", path)
-    parts = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(parts)
+    parts = _benchmark("step_parts")
     rows, d, ff, vocab, n_layer = 256, 48, 192, 1024, 2
     shapes = parts.step_matmuls(rows, d, ff, vocab, n_layer)
     flops = sum(2 * m * k * n * count for _, m, k, n, count in shapes)
