@@ -62,3 +62,33 @@ def test_the_cluster_error_names_the_cluster_extras_ray_range():
 
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert extras["cluster"] == [f"ray[client]{RAY_RANGE}"]
+
+
+def test_xdist_processes_get_their_own_store_and_one_thread(tmp_path):
+    """``make test``'s pytest-xdist processes: the root conftest.py gives each its own run store and token
+    cache (never the controller's, which they inherit) and one torch thread."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    report = tmp_path / "seen.jsonl"
+    (tmp_path / "test_seen.py").write_text(
+        "import json, os, torch\n"
+        "def _seen():\n"
+        f"    with open({str(report)!r}, 'a') as f:\n"
+        "        f.write(json.dumps({k: os.environ.get(k) for k in ('PYTEST_XDIST_WORKER', 'CPTLAB_RUNS',\n"
+        "                            'CPTLAB_CACHE')} | {'threads': torch.get_num_threads()}) + '\\n')\n"
+        "def test_a():\n    _seen()\n"
+        "def test_b():\n    _seen()\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider",
+                           "-n", "2", "--dist", "load", str(tmp_path / "test_seen.py")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    seen = [json.loads(line) for line in report.read_text().splitlines()]
+    assert sorted(s["PYTEST_XDIST_WORKER"] for s in seen) == ["gw0", "gw1"]
+    assert len({s["CPTLAB_RUNS"] for s in seen}) == 2 and len({s["CPTLAB_CACHE"] for s in seen}) == 2
+    outer = os.environ["CPTLAB_RUNS"]  # this session's store: inherited, then replaced
+    assert all(s["CPTLAB_RUNS"] != outer and s["threads"] == 1 for s in seen)
