@@ -107,8 +107,9 @@ def assert_close(a: list[tuple[int, dict]], b: list[tuple[int, dict]], tol: floa
 def reference(corpus_dir, tmp_path_factory) -> Path:
     """One process, no activation checkpointing."""
     out = tmp_path_factory.mktemp("one-process")
-    os.environ["CPTLAB_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
-    assert train(RunConfig.from_dict(config(corpus_dir)), out, quiet=True).status == "done"
+    with pytest.MonkeyPatch.context() as mp:  # not for the rest of the session
+        mp.setenv("CPTLAB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        assert train(RunConfig.from_dict(config(corpus_dir)), out, quiet=True).status == "done"
     return out
 
 
