@@ -84,8 +84,9 @@ def _cli(config: Path, out: Path, prelude: str = "") -> subprocess.Popen:
 def reference(corpus_dir, tmp_path_factory):
     """An uninterrupted run of the small config, in-process."""
     out = tmp_path_factory.mktemp("reference")
-    os.environ["CPTLAB_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
-    result = train(RunConfig.from_dict(small_config(corpus_dir)), out, quiet=True)
+    with pytest.MonkeyPatch.context() as mp:  # not for the rest of the session
+        mp.setenv("CPTLAB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        result = train(RunConfig.from_dict(small_config(corpus_dir)), out, quiet=True)
     assert result.status == "done"
     return out
 
